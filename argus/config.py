@@ -474,7 +474,9 @@ class SandboxSettings(BaseSettings):
     max_images: int = Field(8, ge=0)
     max_image_bytes: int = Field(4 << 20, ge=1024)
     max_body_bytes: int = Field(64 << 20, ge=1024)
-    max_code_chars: int = Field(1 << 20, ge=1)
+    max_code_chars: int = Field(
+        32 << 20, ge=1, description="DeepEyesV2 clients inline the task image as base64 in the code"
+    )
 
     state_dir: Path = Field(Path(".argus/sandbox"), description="runsc state, bundles, scratch of the process runner")
     runsc: str = "runsc"

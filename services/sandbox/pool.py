@@ -156,15 +156,19 @@ class SessionPool:
                 self.warm.append(kernel)
                 self._update_gauges()
 
+    def _refill_soon(self) -> None:
+        # Starting a sandbox costs the event loop a few ms (spawn, bundle); let the claim's answer go first.
+        asyncio.get_running_loop().call_later(0.02, self._refill.set)
+
     async def _take_kernel(self) -> KernelProcess:
         while self.warm:
             kernel = self.warm.popleft()
-            self._refill.set()
+            self._refill_soon()
             if kernel.alive:
                 self.metrics.session_starts.labels(kind="warm").inc()
                 return kernel
             await self.runner.kill(kernel)
-        self._refill.set()
+        self._refill_soon()
         self.metrics.session_starts.labels(kind="cold").inc()
         return await self._new_kernel(warm=False)
 

@@ -151,7 +151,8 @@ class Runner(abc.ABC):
 
     def kernel_argv(self, kernel_path: str) -> list[str]:
         py = self.kernel_python()
-        return [py["real_executable"], "-s", "-B", kernel_path, *py["site"]]
+        # -S: no site module (the kernel puts its site-packages on sys.path itself), faster start.
+        return [py["real_executable"], "-S", "-s", "-B", kernel_path, *py["site"]]
 
     def new_name(self) -> str:
         return f"argus-{secrets.token_hex(6)}"
@@ -321,14 +322,19 @@ class GVisorRunner(Runner):
         bundle = self.bundles / name
         bundle.mkdir(parents=True)
         (bundle / "config.json").write_text(json.dumps(self.bundle_config()))
+        # setpriv sets the parent-death signal, then execs runsc: with no preexec_fn Python can spawn
+        # with vfork instead of copying the whole service process on every sandbox start.
         with open(bundle / "runner.log", "wb") as errlog:
             proc = await asyncio.create_subprocess_exec(
+                "setpriv",
+                "--pdeathsig",
+                "KILL",
+                "--",
                 *self._runsc("run", "--bundle", str(bundle), name),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=errlog,
                 limit=STREAM_LIMIT,
-                preexec_fn=_die_with_parent,
             )
         return KernelProcess(runner=self, name=name, proc=proc, workdir=bundle)
 

@@ -350,6 +350,12 @@ class Kernel:
 
 
 def main() -> None:
+    # Started with -S for a faster start; keep what the site module gives interactive users.
+    import site
+
+    site.setquit()
+    site.setcopyright()
+    site.sethelper()
     for path in sys.argv[1:]:
         sys.path.insert(0, path)
     # Keep private copies of the protocol channel, then point fds 0-2 away from it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +19,12 @@ from argus.specfile import SpecError, load_spec
 app = typer.Typer(help="Argus: the DeepEyesV2 recipe as a platform.", no_args_is_help=True, add_completion=False)
 stack_app = typer.Typer(help="The local platform stack: S3 endpoint, MLflow, Prefect.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+search_app = typer.Typer(
+    help="The search proxy: text and image search with a record/replay cache.", no_args_is_help=True
+)
+search_cache_app = typer.Typer(help="Cache snapshots and statistics.", no_args_is_help=True)
+search_app.add_typer(search_cache_app, name="cache")
+app.add_typer(search_app, name="search")
 sandbox_app = typer.Typer(help="The code-executor service (stateful Python sessions in gVisor).", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
 
@@ -212,6 +219,163 @@ def sandbox_serve(
         raise typer.Exit(2) from None
     console.print(f"code executor: runner {settings.runner}, http://{settings.host}:{settings.port}", highlight=False)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+
+
+def _search_settings(**given: Any) -> Any:
+    from argus.config import SearchSettings
+
+    try:
+        return SearchSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            err_console.print(f"[red]error:[/] {field} (ARGUS_SEARCH_{field.upper()}): {err['msg']}")
+        raise typer.Exit(2) from None
+
+
+@search_app.command("serve")
+def search_serve(
+    backend: Annotated[str | None, typer.Option(help="offline | serpapi | brave")] = None,
+    cache_mode: Annotated[str | None, typer.Option(help="live | record | replay | cache-first")] = None,
+    cache_store: Annotated[str | None, typer.Option(help="sqlite | redis")] = None,
+    cache_path: Annotated[Path | None, typer.Option(help="sqlite cache file")] = None,
+    redis_url: Annotated[str | None, typer.Option()] = None,
+    index_path: Annotated[Path | None, typer.Option(help="offline index (argus search index)")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="file holding the upstream API key")] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+    rate_limit: Annotated[float | None, typer.Option(help="upstream calls per second")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help="upstream calls in flight")] = None,
+    budget_per_run: Annotated[int | None, typer.Option(help="upstream calls per X-Argus-Run-Id")] = None,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Serve the search proxy. Every option also reads ARGUS_SEARCH_<OPTION> from the environment."""
+    import uvicorn
+
+    from services.search.app import create_app
+
+    settings = _search_settings(
+        backend=backend,
+        cache_mode=cache_mode,
+        cache_store=cache_store,
+        cache_path=cache_path,
+        redis_url=redis_url,
+        index_path=index_path,
+        api_key_file=api_key_file,
+        host=host,
+        port=port,
+        rate_limit_per_s=rate_limit,
+        max_concurrency=max_concurrency,
+        budget_per_run=budget_per_run,
+    )
+    try:
+        application = create_app(settings)
+    except (FileNotFoundError, ValueError) as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(
+        f"search proxy: backend {settings.backend}, cache {settings.cache_mode} ({settings.cache_store}), "
+        f"http://{settings.host}:{settings.port}",
+        highlight=False,
+    )
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level=log_level)
+
+
+@search_app.command("index")
+def search_index(
+    out: Annotated[Path, typer.Option(help="index file to create or extend")],
+    corpus: Annotated[Path | None, typer.Option(help="JSONL text corpus")] = None,
+    images: Annotated[Path | None, typer.Option(help="JSONL image corpus (paths relative to it)")] = None,
+    mmsearch_cache: Annotated[
+        Path | None, typer.Option(help="MMSearch-R1 / DeepEyesV2 image-search cache json")
+    ] = None,
+) -> None:
+    """Build the offline backend's index (SQLite FTS5 + perceptual hashes)."""
+    from services.search.index import CorpusError, build_index
+
+    if corpus is None and images is None and mmsearch_cache is None:
+        err_console.print("[red]error:[/] give at least one of --corpus, --images, --mmsearch-cache")
+        raise typer.Exit(2)
+    try:
+        counts = build_index(out, corpus=corpus, images=images, mmsearch_cache=mmsearch_cache)
+    except CorpusError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(
+        f"{out}: added {counts['docs']} documents, {counts['images']} images, "
+        f"{counts['cached_keys']} cached image-search keys",
+        highlight=False,
+    )
+
+
+def _run_store(action: Callable[[Any], Awaitable[Any]], **given: Any) -> Any:
+    import asyncio
+
+    from services.search.cache import make_store
+
+    async def go() -> Any:
+        store = make_store(_search_settings(**given))
+        try:
+            return await action(store)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(go())
+
+
+@search_cache_app.command("export")
+def search_cache_export(
+    dest: Annotated[str, typer.Argument(help="local path or s3://bucket/key (gzipped JSONL)")],
+    cache_store: Annotated[str | None, typer.Option()] = None,
+    cache_path: Annotated[Path | None, typer.Option()] = None,
+    redis_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Write every cache entry to a snapshot."""
+    from services.search.cache import export_snapshot
+
+    n = _run_store(
+        lambda store: export_snapshot(store, dest), cache_store=cache_store, cache_path=cache_path, redis_url=redis_url
+    )
+    console.print(f"exported {n} entries to {dest}", highlight=False)
+
+
+@search_cache_app.command("import")
+def search_cache_import(
+    src: Annotated[str, typer.Argument(help="local path or s3://bucket/key")],
+    cache_store: Annotated[str | None, typer.Option()] = None,
+    cache_path: Annotated[Path | None, typer.Option()] = None,
+    redis_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Load a snapshot into the cache (entries with the same key are replaced)."""
+    from services.search.cache import import_snapshot
+
+    try:
+        n = _run_store(
+            lambda store: import_snapshot(store, src),
+            cache_store=cache_store,
+            cache_path=cache_path,
+            redis_url=redis_url,
+        )
+    except (OSError, ValueError) as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"imported {n} entries from {src}", highlight=False)
+
+
+@search_cache_app.command("stats")
+def search_cache_stats(
+    cache_store: Annotated[str | None, typer.Option()] = None,
+    cache_path: Annotated[Path | None, typer.Option()] = None,
+    redis_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Count cache entries by kind and backend."""
+    stats = _run_store(lambda store: store.stats(), cache_store=cache_store, cache_path=cache_path, redis_url=redis_url)
+    table = Table(title=f"search cache: {stats['entries']} entries")
+    table.add_column("kind/backend")
+    table.add_column("entries", justify="right")
+    for label, n in sorted(stats["by_kind"].items()):
+        table.add_row(label, str(n))
+    console.print(table)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Kubernetes object names are built from spec names, so they must be DNS-1123 labels.
@@ -496,3 +496,51 @@ class SandboxSettings(BaseSettings):
         if self.timeout_s > self.max_timeout_s:
             raise ValueError("timeout_s must not exceed max_timeout_s")
         return self
+
+
+class SearchSettings(BaseSettings):
+    """The search proxy (`argus search serve`). Every field reads `ARGUS_SEARCH_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="ARGUS_SEARCH_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8090, ge=0, le=65535)
+    backend: Literal["offline", "serpapi", "brave"] = "offline"
+    cache_mode: Literal["live", "record", "replay", "cache-first"] = "cache-first"
+    cache_store: Literal["sqlite", "redis"] = "sqlite"
+    cache_path: Path = Field(Path(".argus/search/cache.sqlite"), description="sqlite cache file")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    index_path: Path = Field(Path(".argus/search/index.sqlite"), description="offline index (argus search index)")
+
+    api_key: SecretStr | None = Field(None, description="upstream API key (prefer api_key_file)")
+    api_key_file: Path | None = Field(None, description="file holding the API key, e.g. a mounted Secret")
+    serpapi_url: str = "https://serpapi.com/search.json"
+    brave_url: str = "https://api.search.brave.com/res/v1/web/search"
+    image_bucket: str | None = Field(
+        None, description="bucket for presigned image URLs (SerpAPI reverse image search needs a URL)"
+    )
+
+    rate_limit_per_s: float = Field(5.0, gt=0, description="upstream calls per second (token bucket)")
+    rate_burst: int = Field(10, ge=1)
+    max_concurrency: int = Field(16, ge=1, description="upstream calls in flight")
+    retries: int = Field(3, ge=0, description="retries on upstream 429/5xx and transport errors")
+    backoff_s: float = Field(0.5, ge=0)
+    upstream_timeout_s: float = Field(20.0, gt=0)
+    budget_per_run: int | None = Field(None, ge=1, description="upstream calls per run id (X-Argus-Run-Id)")
+
+    max_query_chars: int = Field(2048, ge=1)
+    max_top_k: int = Field(50, ge=1)
+    max_image_bytes: int = Field(10 << 20, ge=1024)
+
+    @field_validator("cache_path", "index_path")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        return path.expanduser().absolute()
+
+    def read_api_key(self) -> str | None:
+        if self.api_key_file is not None:
+            try:
+                return self.api_key_file.read_text().strip() or None
+            except OSError as exc:
+                raise ValueError(f"cannot read api_key_file {self.api_key_file}: {exc.strerror}") from exc
+        return self.api_key.get_secret_value() if self.api_key else None

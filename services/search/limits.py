@@ -1,0 +1,61 @@
+"""Upstream protection: a token bucket per upstream and coalescing of identical in-flight queries."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+class TokenBucket:
+    """`rate` tokens per second, at most `burst` saved up; `acquire` waits for a token."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.updated = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> float:
+        """Take one token; returns how long it waited."""
+        async with self._lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            wait = 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+            if wait:
+                await asyncio.sleep(wait)
+                self.tokens = 0.0
+                self.updated = time.monotonic()
+            else:
+                self.tokens -= 1
+            return wait
+
+
+class Coalescer:
+    """N identical concurrent requests make one upstream call; the others await its result."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self.coalesced = 0
+
+    async def run(self, key: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        pending = self._inflight.get(key)
+        if pending is not None:
+            self.coalesced += 1
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            value = await fn()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: followers re-raise it themselves
+            raise
+        else:
+            future.set_result(value)
+            return value
+        finally:
+            del self._inflight[key]

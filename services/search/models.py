@@ -1,0 +1,65 @@
+"""Request and response models of the search proxy."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TopK = Annotated[int, Field(ge=1)]
+
+
+class WebResult(BaseModel):
+    title: str
+    link: str
+    snippet: str = ""
+    date: str | None = None
+
+
+class ImageResult(BaseModel):
+    title: str
+    link: str | None = None
+    image: str | None = Field(None, description="base64 image bytes, when the backend has them")
+    thumbnail_url: str | None = None
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str
+    top_k: TopK = 5
+    backend: str | None = Field(None, description="must name the proxy's backend when given")
+
+
+class SearchResponse(BaseModel):
+    query: str
+    backend: str
+    cached: bool
+    results: list[WebResult]
+    rendered: str = Field(description="the observation text DeepEyesV2 puts in <tool_response>")
+
+
+class ImageSearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str | None = Field(None, description="base64 image bytes")
+    key: str | None = Field(None, description="dataset key of cached results (MMSearch-R1 cache)")
+    top_k: TopK = 5
+    backend: str | None = Field(None, description="must name the proxy's backend when given")
+
+
+class ImageSearchResponse(BaseModel):
+    backend: str
+    cached: bool
+    results: list[ImageResult]
+    rendered: str
+
+
+class RetrieveRequest(BaseModel):
+    """Search-R1's retriever request (verl search tool)."""
+
+    queries: list[str] = Field(min_length=1)
+    topk: TopK = 3
+    return_scores: bool = False
+
+
+class RetrieveResponse(BaseModel):
+    result: list[list[dict[str, Any]]]

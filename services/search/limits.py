@@ -11,24 +11,33 @@ from typing import Any
 class TokenBucket:
     """`rate` tokens per second, at most `burst` saved up; `acquire` waits for a token."""
 
-    def __init__(self, rate: float, burst: int):
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
         self.rate = rate
         self.burst = float(burst)
         self.tokens = float(burst)
-        self.updated = time.monotonic()
+        self._clock = clock
+        self._sleep = sleep
+        self.updated = clock()
         self._lock = asyncio.Lock()
 
     async def acquire(self) -> float:
         """Take one token; returns how long it waited."""
         async with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
             self.updated = now
             wait = 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
             if wait:
-                await asyncio.sleep(wait)
+                await self._sleep(wait)
                 self.tokens = 0.0
-                self.updated = time.monotonic()
+                self.updated = self._clock()
             else:
                 self.tokens -= 1
             return wait
@@ -37,14 +46,14 @@ class TokenBucket:
 class Coalescer:
     """N identical concurrent requests make one upstream call; the others await its result."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_join: Callable[[], None] = lambda: None) -> None:
         self._inflight: dict[str, asyncio.Future[Any]] = {}
-        self.coalesced = 0
+        self._on_join = on_join
 
     async def run(self, key: str, fn: Callable[[], Awaitable[Any]]) -> Any:
         pending = self._inflight.get(key)
         if pending is not None:
-            self.coalesced += 1
+            self._on_join()
             return await asyncio.shield(pending)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future

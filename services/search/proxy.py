@@ -46,7 +46,7 @@ class SearchProxy:
         self.metrics = metrics
         self.bucket = TokenBucket(settings.rate_limit_per_s, settings.rate_burst)
         self.concurrency = asyncio.Semaphore(settings.max_concurrency)
-        self.coalescer = Coalescer()
+        self.coalescer = Coalescer(on_join=metrics.coalesced.inc)
 
     async def _upstream(self, run_id: str, call: Callable[[], Awaitable[Any]]) -> Any:
         budget = self.settings.budget_per_run
@@ -99,11 +99,7 @@ class SearchProxy:
                 )
             return value
 
-        before = self.coalescer.coalesced
-        value = await self.coalescer.run(key, fetch_and_store)
-        if self.coalescer.coalesced > before:
-            self.metrics.coalesced.inc()
-        return value, False
+        return await self.coalescer.run(key, fetch_and_store), False
 
     async def search(self, query: str, top_k: int, run_id: str) -> tuple[list[Hit], bool]:
         async def call() -> list[dict[str, Any]]:

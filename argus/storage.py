@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import boto3
@@ -72,3 +73,70 @@ def s3_healthy(settings: StackSettings) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure means "not healthy", the caller reports it
         return False
+
+
+# -- URIs: one way to read and write a local path or an s3:// object ------------------------------------
+
+
+def is_s3(uri: str | Path) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join_uri(base: str | Path, *parts: str) -> str:
+    """`base` and relative `parts` joined with '/' (for s3://) or as paths (for local)."""
+    if is_s3(base):
+        return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base).joinpath(*parts))
+
+
+def read_uri(uri: str | Path, settings: StackSettings | None = None) -> bytes:
+    if is_s3(uri):
+        ref = S3Uri.parse(str(uri))
+        client = s3_client(settings or StackSettings())
+        try:
+            return client.get_object(Bucket=ref.bucket, Key=ref.key)["Body"].read()
+        except ClientError as exc:
+            raise FileNotFoundError(f"{uri}: {exc.response.get('Error', {}).get('Code', 'error')}") from exc
+    return Path(uri).read_bytes()
+
+
+def write_uri(uri: str | Path, data: bytes, settings: StackSettings | None = None) -> None:
+    """Write atomically: a reader never sees half a file (S3 puts are atomic already)."""
+    if is_s3(uri):
+        ref = S3Uri.parse(str(uri))
+        s3_client(settings or StackSettings()).put_object(Bucket=ref.bucket, Key=ref.key, Body=data)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def upload_dir(local: Path, uri: str, settings: StackSettings | None = None) -> list[str]:
+    """Copy every file under `local` to the prefix `uri` (local or s3://); returns the written URIs."""
+    written = []
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        dest = join_uri(uri, *path.relative_to(local).parts)
+        write_uri(dest, path.read_bytes(), settings)
+        written.append(dest)
+    return written
+
+
+def download_dir(uri: str, local: Path, settings: StackSettings | None = None) -> Path:
+    """Materialise the prefix `uri` in `local` (a no-op path for local URIs)."""
+    if not is_s3(uri):
+        return Path(uri)
+    ref = S3Uri.parse(uri)
+    client = s3_client(settings or StackSettings())
+    prefix = ref.key.rstrip("/") + "/"
+    found = False
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=ref.bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            found = True
+            target = local / obj["Key"][len(prefix) :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(client.get_object(Bucket=ref.bucket, Key=obj["Key"])["Body"].read())
+    if not found:
+        raise FileNotFoundError(f"{uri}: no objects under this prefix")
+    return local

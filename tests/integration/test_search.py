@@ -180,11 +180,12 @@ def test_offline_text_search_and_rendering(offline: httpx.Client) -> None:
     body = offline.post("/v1/search", json={"query": "How tall is Zorblat?", "top_k": 2}).json()
     assert body["backend"] == "offline" and body["cached"] is False
     assert body["results"][0]["title"] == "Zorblat"
+    second = body["results"][1]
     assert body["rendered"] == (
         "A Google search for 'How tall is Zorblat?' found 2 results:\n\n## Web Results\n"
         "1. [Zorblat](https://offline.example/zorblat)\nDate published: 2024-01-02\n"
-        "Zorblat is a fictional mountain 4321 meters tall.\n\n"
-        f"2. [{body['results'][1]['title']}]({body['results'][1]['link']})\n{body['results'][1]['snippet']}"
+        "\nZorblat is a fictional mountain 4321 meters tall.\n\n"
+        f"2. [{second['title']}]({second['link']})\n\n{second['snippet']}"
     )
     again = offline.post("/v1/search", json={"query": "  how TALL is zorblat? ", "top_k": 2}).json()
     assert again["cached"] is True and again["results"] == body["results"]  # normalized key
@@ -208,7 +209,10 @@ def test_offline_image_search(offline: httpx.Client) -> None:
     body = offline.post("/v1/image_search", json={"image": query, "top_k": 2}).json()
     assert body["results"][0]["title"] == "blue disc"
     assert Image.open(io.BytesIO(base64.b64decode(body["results"][0]["image"]))).size == (64, 64)
-    assert body["rendered"].startswith("A Google image search found 2 results:")
+    assert body["rendered"] == (
+        "A Google image search for the image found 2 results:\n\n## Web Results\n"
+        f"1. <image>\n[blue disc] \n\n\n2. <image>\n[{body['results'][1]['title']}] \n"
+    )
     cached = offline.post("/v1/image_search", json={"key": "17"}).json()
     assert [r["title"] for r in cached["results"]] == ["Red disc page", "Blue disc page"]
     missing = offline.post("/v1/image_search", json={"key": "999"})

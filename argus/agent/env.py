@@ -1,0 +1,289 @@
+"""The agent environment: run one task through a policy with live tools, record and score it.
+
+Each trajectory gets its own sandbox session (the task image preloaded as `image_1` with DeepEyesV2's
+initialisation code) that is cleared at the end. Tool results come back as a user turn in DeepEyesV2's
+exact strings. A failing tool becomes an observation the policy can react to; a turn with no parsable
+action ends the episode (as in DeepEyesV2), and so does the turn limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from argus.agent import prompts
+from argus.agent.actions import Action, parse
+from argus.agent.reward import Judge, Reward, score
+from argus.agent.task import Task
+
+MAX_OBSERVATION_IMAGES = 10  # DeepEyesV2 keeps at most 10 images per tool result
+
+Message = dict[str, Any]
+# A policy sees the conversation and every image in it (in order) and returns the next assistant turn.
+Policy = Callable[[list[Message], list[bytes]], Awaitable[str]]
+
+
+class ToolError(Exception):
+    pass
+
+
+@dataclass
+class ToolCall:
+    tool: Literal["python", "search", "image_search", "invalid"]
+    latency_s: float
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class Trajectory:
+    task_id: str
+    family: str
+    messages: list[Message]
+    images: list[bytes]  # the task image, then every observation image, in order
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish: Literal["answer", "max_turns", "invalid_action", "policy_error"] = "answer"
+    reward: Reward | None = None
+    policy_latency_s: float = 0.0
+
+    @property
+    def response(self) -> str:
+        """What the model generated, turn by turn: the text the reward is computed on."""
+        return "\n".join(m["content"] for m in self.messages if m["role"] == "assistant")
+
+    @property
+    def turns(self) -> int:
+        return sum(1 for m in self.messages if m["role"] == "assistant")
+
+    def to_sharegpt(self) -> tuple[list[dict[str, str]], list[bytes]]:
+        return [{"role": m["role"], "content": m["content"]} for m in self.messages], list(self.images)
+
+
+class ToolClients:
+    """HTTP clients for the code executor (DeepEyesV2 v1 protocol) and the search proxy."""
+
+    def __init__(self, sandbox_url: str, search_url: str, *, run_id: str = "default", timeout_s: float = 120.0):
+        self.sandbox_url = sandbox_url.rstrip("/")
+        self.search_url = search_url.rstrip("/")
+        self.client = httpx.AsyncClient(
+            timeout=timeout_s,
+            headers={"X-Argus-Run-Id": run_id},
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def run_code(self, session: str, code: str, timeout_s: float) -> dict[str, Any]:
+        try:
+            resp = await self.client.post(
+                f"{self.sandbox_url}/jupyter_sandbox", json={"session_id": session, "code": code, "timeout": timeout_s}
+            )
+        except httpx.HTTPError as exc:
+            raise ToolError(f"code executor unreachable: {type(exc).__name__}") from exc
+        if resp.status_code != 200:
+            raise ToolError(f"code executor answered {resp.status_code}: {resp.text[:300]}")
+        out: dict[str, Any] = resp.json()["output"]
+        return out
+
+    async def close_session(self, session: str) -> None:
+        with contextlib.suppress(httpx.HTTPError):  # the executor's idle TTL reclaims it otherwise
+            await self.client.post(f"{self.sandbox_url}/clear_session", json={"session_id": session})
+
+    async def search(self, query: str) -> str:
+        return str((await self._search("/v1/search", {"query": query, "top_k": 5}))["rendered"])
+
+    async def image_search(self, image: bytes, key: str | None) -> tuple[str, list[bytes]]:
+        body: dict[str, Any] = {"key": key} if key else {"image": base64.b64encode(image).decode()}
+        data = await self._search("/v1/image_search", {**body, "top_k": 5})
+        images = [base64.b64decode(r["image"]) for r in data["results"] if r.get("image")]
+        return str(data["rendered"]), images
+
+    async def _search(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            resp = await self.client.post(f"{self.search_url}{path}", json=body)
+        except httpx.HTTPError as exc:
+            raise ToolError(f"search proxy unreachable: {type(exc).__name__}") from exc
+        if resp.status_code != 200:
+            raise ToolError(f"search answered {resp.status_code}: {resp.text[:300]}")
+        data: dict[str, Any] = resp.json()
+        return data
+
+
+class AgentEnv:
+    def __init__(
+        self,
+        tools: ToolClients,
+        *,
+        max_turns: int = 9,
+        code_timeout_s: float = 30.0,
+        judge: Judge | None = None,
+        max_answer_chars: int = 300,
+        accuracy_weight: float = 0.8,
+        format_weight: float = 0.2,
+    ):
+        self.tools = tools
+        self.max_turns = max_turns
+        self.code_timeout_s = code_timeout_s
+        self.judge = judge
+        self.max_answer_chars = max_answer_chars
+        self.weights = (accuracy_weight, format_weight)
+
+    async def run(self, task: Task, policy: Policy) -> Trajectory:
+        session = f"traj-{task.id}-{uuid.uuid4().hex[:8]}"
+        traj = Trajectory(
+            task_id=task.id,
+            family=task.family,
+            messages=[
+                {"role": "system", "content": prompts.SYSTEM_PROMPT},
+                {"role": "user", "content": prompts.USER_PROMPT.format(question=task.question)},
+            ],
+            images=[task.image],
+        )
+        try:
+            await self._preload_image(session, task)
+            traj.finish = "max_turns"
+            for _ in range(self.max_turns):
+                started = time.perf_counter()
+                try:
+                    turn = await policy(traj.messages, traj.images)
+                except Exception:  # noqa: BLE001 - a broken policy ends its episode, not the run
+                    traj.finish = "policy_error"
+                    break
+                finally:
+                    traj.policy_latency_s += time.perf_counter() - started
+                traj.messages.append({"role": "assistant", "content": turn})
+                action = parse(turn)
+                if action.kind == "answer":
+                    traj.finish = "answer"
+                    break
+                if action.kind == "invalid":
+                    traj.finish = "invalid_action"
+                    break
+                text, images = await self._observe(session, task, action, traj)
+                traj.messages.append({"role": "user", "content": text})
+                traj.images.extend(images)
+        finally:
+            await self.tools.close_session(session)
+        traj.reward = await score(
+            traj.response,
+            task,
+            judge=self.judge,
+            accuracy_weight=self.weights[0],
+            format_weight=self.weights[1],
+            max_answer_chars=self.max_answer_chars,
+        )
+        return traj
+
+    async def _preload_image(self, session: str, task: Task) -> None:
+        if not task.image:
+            return
+        code = prompts.INITIALIZATION_CODE_TEMPLATE.format(base64_image=base64.b64encode(task.image).decode())
+        with contextlib.suppress(ToolError):  # the first code action reports the executor's state
+            await self.tools.run_code(session, code, self.code_timeout_s)
+
+    async def _observe(self, session: str, task: Task, action: Action, traj: Trajectory) -> tuple[str, list[bytes]]:
+        started = time.perf_counter()
+        if action.error is not None:  # a malformed tool call: DeepEyesV2's error text is the observation
+            traj.tool_calls.append(ToolCall("invalid", 0.0, False, action.error))
+            return action.error, []
+        if action.kind == "code":
+            assert action.code is not None
+            try:
+                out = await self.tools.run_code(session, action.code, self.code_timeout_s)
+            except ToolError as exc:
+                traj.tool_calls.append(ToolCall("python", time.perf_counter() - started, False, str(exc)))
+                return prompts.code_observation("", f"SandboxError: {exc}", 0), []
+            images = [base64.b64decode(i) for i in out.get("images", [])][:MAX_OBSERVATION_IMAGES]
+            ok = not out.get("stderr")
+            traj.tool_calls.append(ToolCall("python", time.perf_counter() - started, ok))
+            return prompts.code_observation(out.get("stdout", ""), out.get("stderr", ""), len(images)), images
+        tool = action.tool
+        try:
+            if tool == "search":
+                assert action.arguments is not None
+                text, images = await self.tools.search(action.arguments["query"]), []
+            else:
+                text, images = await self.tools.image_search(task.image, task.image_search_key)
+                images = images[:MAX_OBSERVATION_IMAGES]
+        except ToolError as exc:
+            traj.tool_calls.append(ToolCall(tool or "search", time.perf_counter() - started, False, str(exc)))  # type: ignore[arg-type]
+            return "Search error", []
+        traj.tool_calls.append(ToolCall(tool or "search", time.perf_counter() - started, True))  # type: ignore[arg-type]
+        return prompts.search_observation(text), images
+
+
+class ScriptedPolicy:
+    """Plays fixed assistant turns in order: gold trajectories, and tests of the environment."""
+
+    def __init__(self, turns: Sequence[str]):
+        self.turns = list(turns)
+        self.index = 0
+
+    async def __call__(self, messages: list[Message], images: list[bytes]) -> str:
+        if self.index >= len(self.turns):
+            raise RuntimeError("scripted policy ran out of turns")
+        turn = self.turns[self.index]
+        self.index += 1
+        return turn
+
+
+class OpenAIPolicy:
+    """A model behind an OpenAI-compatible chat endpoint (vLLM): what evaluation uses."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+        vision: bool = False,
+        timeout_s: float = 300.0,
+    ):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.vision = vision
+        self.client = httpx.AsyncClient(timeout=timeout_s)
+
+    def _content(self, messages: list[Message], images: list[bytes]) -> list[Message]:
+        if not self.vision:  # text models see the <image> placeholders as text, exactly as in their SFT data
+            return [{"role": m["role"], "content": m["content"]} for m in messages]
+        out, k = [], 0
+        for m in messages:
+            parts: list[dict[str, Any]] = []
+            for i, piece in enumerate(m["content"].split("<image>")):
+                if i > 0 and k < len(images):
+                    url = "data:image/png;base64," + base64.b64encode(images[k]).decode()
+                    parts.append({"type": "image_url", "image_url": {"url": url}})
+                    k += 1
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+            out.append({"role": m["role"], "content": parts})
+        return out
+
+    async def __call__(self, messages: list[Message], images: list[bytes]) -> str:
+        resp = await self.client.post(
+            self.url,
+            json={
+                "model": self.model,
+                "messages": self._content(messages, images),
+                "max_tokens": self.max_tokens,
+                "temperature": self.temperature,
+                "stop": ["<|im_end|>"],
+            },
+        )
+        resp.raise_for_status()
+        return str(resp.json()["choices"][0]["message"]["content"] or "")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

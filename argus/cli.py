@@ -25,6 +25,10 @@ search_app = typer.Typer(
 search_cache_app = typer.Typer(help="Cache snapshots and statistics.", no_args_is_help=True)
 search_app.add_typer(search_cache_app, name="cache")
 app.add_typer(search_app, name="search")
+data_app = typer.Typer(help="DeepEyesV2 data: the miniature task suite, format inspection.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+models_app = typer.Typer(help="Model utilities: tiny models built from configs.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 sandbox_app = typer.Typer(help="The code-executor service (stateful Python sessions in gVisor).", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
 
@@ -376,6 +380,122 @@ def search_cache_stats(
     for label, n in sorted(stats["by_kind"].items()):
         table.add_row(label, str(n))
     console.print(table)
+
+
+@data_app.command("generate")
+def data_generate(
+    out: Annotated[str, typer.Option(help="output directory or s3:// prefix")],
+    seed: Annotated[int, typer.Option()] = 0,
+    sft_size: Annotated[int, typer.Option(min=1)] = 200,
+    rl_size: Annotated[int, typer.Option(min=1)] = 200,
+    eval_size: Annotated[int, typer.Option(min=1)] = 60,
+    runner: Annotated[str, typer.Option(help="sandbox runner for the gold trajectories: gvisor | process")] = "gvisor",
+) -> None:
+    """Generate the miniature suite: SFT gold trajectories (run through the real tools), RL, eval, corpus."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from argus.data.generate import GenerationError, generate
+    from argus.toolenv import ToolEnvError
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        bars: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = progress.add_task(stage, total=total)
+            progress.update(bars[stage], completed=done, total=total)
+
+        try:
+            result = generate(
+                out,
+                seed=seed,
+                sft_size=sft_size,
+                rl_size=rl_size,
+                eval_size=eval_size,
+                runner=runner,
+                on_progress=update,
+            )
+        except (GenerationError, ToolEnvError) as exc:
+            err_console.print(f"[red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+    table = Table(title=f"{out} (seed {seed})")
+    table.add_column("split")
+    for fam in ("perception", "reasoning", "search", "integrated"):
+        table.add_column(fam, justify="right")
+    for split, counts in result.manifest["families"].items():
+        table.add_row(split, *(str(counts.get(f, 0)) for f in ("perception", "reasoning", "search", "integrated")))
+    console.print(table)
+    console.print(f"{len(result.manifest['files'])} files, manifest: {out}/manifest.json", highlight=False)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    file: Annotated[str, typer.Argument(help="sharegpt .json, verl .parquet (local or s3://)")],
+    sample: Annotated[int, typer.Option(help="which example to render")] = 0,
+) -> None:
+    """Counts per task family and one example rendered."""
+    from collections import Counter
+
+    from argus.data.formats import DataFormatError, read_rl_parquet, read_sharegpt
+
+    try:
+        if file.endswith(".parquet"):
+            tasks = read_rl_parquet(file)
+            counts = Counter(t.family for t in tasks)
+            console.print(
+                f"{file}: {len(tasks)} tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+                highlight=False,
+            )
+            if tasks:
+                t = tasks[min(sample, len(tasks) - 1)]
+                console.print(
+                    f"[bold]{t.id}[/] ({t.family}, {len(t.image)}-byte image)\n{t.question}\n"
+                    f"ground truth: {t.answer} ({t.answer_type})",
+                    highlight=False,
+                )
+            return
+        examples = read_sharegpt(file)
+    except (DataFormatError, OSError) as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    families = Counter(_family_of(ex.messages) for ex in examples)
+    console.print(
+        f"{file}: {len(examples)} trajectories, {sum(len(e.images) for e in examples)} images: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(families.items())),
+        highlight=False,
+    )
+    if examples:
+        ex = examples[min(sample, len(examples) - 1)]
+        for msg in ex.messages[1:]:
+            console.rule(msg["role"])
+            console.print(msg["content"], highlight=False, markup=False)
+        console.print(f"images: {ex.images}", highlight=False)
+
+
+def _family_of(messages: list[dict[str, str]]) -> str:
+    """The tools a trajectory used, as the paper's behaviour analysis groups them."""
+    text = " ".join(m["content"] for m in messages if m["role"] == "assistant")
+    used = [name for name, tag in (("code", "<code>"), ("search", "<tool_call>")) if tag in text]
+    return "+".join(used) or "no tool"
+
+
+@models_app.command("init-tiny")
+def models_init_tiny(
+    arch: Annotated[str, typer.Option(help="qwen2 | qwen2_5_vl")],
+    out: Annotated[str, typer.Option(help="output directory or s3:// prefix")],
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Build a tiny Qwen2 / Qwen2.5-VL with a locally trained tokenizer and save it (no download)."""
+    if arch not in ("qwen2", "qwen2_5_vl"):
+        err_console.print(f"[red]error:[/] --arch must be qwen2 or qwen2_5_vl, not {arch!r}")
+        raise typer.Exit(2)
+    from argus.models.tiny import init_tiny
+
+    with console.status(f"building tiny {arch}…"):
+        files = init_tiny(arch, out, seed=seed)  # type: ignore[arg-type]
+    console.print(f"wrote {len(files)} files to {out}", highlight=False)
 
 
 def main() -> None:

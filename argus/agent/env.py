@@ -213,6 +213,9 @@ class AgentEnv:
             else:
                 text, images = await self.tools.image_search(task.image, task.image_search_key)
                 images = images[:MAX_OBSERVATION_IMAGES]
+                # One <image> placeholder per image actually attached (a result may come without one).
+                while text.count("<image>") > len(images):
+                    text = "".join(text.rsplit("<image>", 1))
         except ToolError as exc:
             traj.tool_calls.append(ToolCall(tool or "search", time.perf_counter() - started, False, str(exc)))  # type: ignore[arg-type]
             return "Search error", []

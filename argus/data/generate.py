@@ -1,0 +1,181 @@
+"""`argus data generate`: the miniature suite as DeepEyesV2 files, gold trajectories run for real.
+
+Layout under the output URI (a local directory or an s3:// prefix):
+
+    sft/sft.json + sft/images/          LLaMA-Factory sharegpt, one gold trajectory per task
+    rl/train.parquet                    verl rows: prompt, image, ground truth
+    eval/eval.parquet                   held out (entities never seen in training)
+    search/corpus.jsonl                 offline text corpus
+    search/images.jsonl + images/       offline image corpus (entity emblems)
+    search/index.sqlite                 the offline index built from both
+    search/image_search_cache.json      MMSearch-R1 format cache of the emblem tasks' image searches
+    manifest.json                       seed, sizes, counts per family, sha256 of every file
+
+SFT trajectories are produced by playing the gold turns through the real code executor and search
+proxy, so every observation is what a rollout would see; a gold trajectory that does not reach reward
+1.0 stops the generation (it would teach the model a wrong answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from argus.agent.env import AgentEnv, ScriptedPolicy, ToolClients, Trajectory
+from argus.config import StackSettings
+from argus.data import formats
+from argus.data.tasks import MiniTask, Suite, build_suite
+from argus.storage import join_uri, write_uri
+from argus.toolenv import LocalToolEnvironment
+
+
+class GenerationError(RuntimeError):
+    pass
+
+
+@dataclass
+class GenerateResult:
+    out: str
+    manifest: dict[str, Any]
+
+
+def write_search_corpus(suite: Suite, root: Path) -> Path:
+    """Corpus files and the offline index in a local directory; returns the index path."""
+    from services.search.index import build_index
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    docs = [e.document() for e in suite.entities]
+    (root / "corpus.jsonl").write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in docs))
+    lines = []
+    for e in suite.entities:
+        rel = f"images/{e.name.lower()}.png"
+        (root / rel).write_bytes(e.emblem())
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"emblem-{e.name.lower()}",
+                    "title": f"Emblem of {e.name}",
+                    "url": e.document()["url"],
+                    "image": rel,
+                },
+                sort_keys=True,
+            )
+            + "\n"
+        )
+    (root / "images.jsonl").write_text("".join(lines))
+    index = root / "index.sqlite"
+    index.unlink(missing_ok=True)
+    build_index(index, corpus=root / "corpus.jsonl", images=root / "images.jsonl")
+    return index
+
+
+async def run_gold(
+    tasks: list[MiniTask],
+    tools: ToolClients,
+    *,
+    concurrency: int = 8,
+    on_done: Callable[[Trajectory], None] = lambda _t: None,
+) -> list[Trajectory]:
+    env = AgentEnv(tools, max_turns=9)
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(mini: MiniTask) -> Trajectory:
+        async with limit:
+            traj = await env.run(mini.task, ScriptedPolicy(mini.gold))
+        assert traj.reward is not None
+        if traj.reward.score != 1.0 or traj.finish != "answer":
+            observations = [m["content"][:400] for m in traj.messages[2:] if m["role"] == "user"]
+            raise GenerationError(
+                f"gold trajectory of {mini.task.id} scored {traj.reward.score} "
+                f"(finish={traj.finish}); observations: {observations}"
+            )
+        on_done(traj)
+        return traj
+
+    return list(await asyncio.gather(*(one(m) for m in tasks)))
+
+
+def generate(
+    out: str,
+    *,
+    seed: int = 0,
+    sft_size: int = 200,
+    rl_size: int = 200,
+    eval_size: int = 60,
+    runner: str = "gvisor",
+    workdir: Path | None = None,
+    stack: StackSettings | None = None,
+    on_progress: Callable[[str, int, int], None] = lambda _s, _i, _n: None,
+) -> GenerateResult:
+    suite = build_suite(seed, sft_size, rl_size, eval_size)
+    with tempfile.TemporaryDirectory(prefix="argus-data-") as tmp:
+        staging = Path(tmp) / "out"
+        index = write_search_corpus(suite, staging / "search")
+        tool_dir = workdir or Path(tmp) / "tools"
+        with LocalToolEnvironment(tool_dir, index_path=index, runner=runner, warm_pool=6) as endpoints:
+
+            async def go() -> list[Trajectory]:
+                tools = ToolClients(endpoints.sandbox_url, endpoints.search_url, run_id=f"generate-{seed}")
+                done = 0
+
+                def tick(_t: Trajectory) -> None:
+                    nonlocal done
+                    done += 1
+                    on_progress("gold trajectories", done, len(suite.sft))
+
+                try:
+                    return await run_gold(suite.sft, tools, on_done=tick)
+                finally:
+                    await tools.aclose()
+
+            trajectories = asyncio.run(go())
+            cache = _emblem_cache(suite, trajectories)
+
+        formats.write_sharegpt(str(staging / "sft" / "sft.json"), [t.to_sharegpt() for t in trajectories])
+        formats.write_rl_parquet(str(staging / "rl" / "train.parquet"), [m.task for m in suite.rl])
+        formats.write_rl_parquet(str(staging / "eval" / "eval.parquet"), [m.task for m in suite.eval])
+        formats.write_image_search_cache(str(staging / "search" / "image_search_cache.json"), cache)
+
+        manifest: dict[str, Any] = {
+            "seed": seed,
+            "sizes": {"sft": sft_size, "rl": rl_size, "eval": eval_size},
+            "families": {
+                name: dict(sorted(Counter(m.task.family for m in split).items()))
+                for name, split in (("sft", suite.sft), ("rl", suite.rl), ("eval", suite.eval))
+            },
+            "entities": len(suite.entities),
+            "files": {},
+        }
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        for path in files:
+            rel = path.relative_to(staging).as_posix()
+            manifest["files"][rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        on_progress("upload", 0, len(files))
+        for i, path in enumerate(files, 1):
+            write_uri(join_uri(out, *path.relative_to(staging).parts), path.read_bytes(), stack)
+            on_progress("upload", i, len(files))
+        # The manifest last: a reader that finds it knows every file it lists is complete.
+        write_uri(join_uri(out, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode(), stack)
+    return GenerateResult(out=out, manifest=manifest)
+
+
+def _emblem_cache(suite: Suite, trajectories: list[Trajectory]) -> dict[str, list[tuple[str, bytes]]]:
+    """The image-search results the gold emblem trajectories received, in MMSearch-R1's cache shape."""
+    cache: dict[str, list[tuple[str, bytes]]] = {}
+    for mini, traj in zip(suite.sft, trajectories, strict=True):
+        for i, message in enumerate(traj.messages):
+            if message["role"] == "user" and "A Google image search for the image found" in message["content"]:
+                titles = [
+                    line[1:].rsplit("]", 1)[0] for line in message["content"].splitlines() if line.startswith("[")
+                ]
+                first_image = sum(m["content"].count("<image>") for m in traj.messages[1:i])
+                images = traj.images[first_image : first_image + len(titles)]
+                cache[mini.task.id] = list(zip(titles, images, strict=False))
+    return cache

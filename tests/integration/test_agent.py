@@ -1,0 +1,212 @@
+"""The agent environment against the real tools (sandbox under gVisor, offline search proxy)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+
+from argus.agent import prompts
+from argus.agent.env import AgentEnv, ScriptedPolicy, ToolClients, Trajectory
+from argus.agent.reward import Judge, format_check, score
+from argus.agent.task import Task
+from argus.data.generate import run_gold, write_search_corpus
+from argus.data.tasks import MiniTask, Suite, build_suite
+from argus.toolenv import LocalToolEnvironment, ToolEndpoints
+from tests.conftest import serve_app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def suite() -> Suite:
+    return build_suite(seed=11, sft_size=24, rl_size=4, eval_size=4)
+
+
+@pytest.fixture(scope="module")
+def tools_env(suite: Suite, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToolEndpoints]:
+    root = tmp_path_factory.mktemp("agent")
+    index = write_search_corpus(suite, root / "search")
+    with LocalToolEnvironment(root / "tools", index_path=index, runner="gvisor", warm_pool=4) as endpoints:
+        yield endpoints
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def episode(endpoints: ToolEndpoints, task: Task, turns: list[str], **env_kw: Any) -> Trajectory:
+    tools = ToolClients(endpoints.sandbox_url, endpoints.search_url)
+    try:
+        return await AgentEnv(tools, **env_kw).run(task, ScriptedPolicy(turns))
+    finally:
+        await tools.aclose()
+
+
+def first(suite: Suite, family: str, needle: str = "") -> MiniTask:
+    return next(m for m in suite.sft if m.task.family == family and needle in "".join(m.gold))
+
+
+# -- gold trajectories -----------------------------------------------------------------------------------
+
+
+def test_every_gold_trajectory_scores_one(suite: Suite, tools_env: ToolEndpoints) -> None:
+    async def go() -> list[Trajectory]:
+        tools = ToolClients(tools_env.sandbox_url, tools_env.search_url)
+        try:
+            return await run_gold(suite.sft, tools, concurrency=6)
+        finally:
+            await tools.aclose()
+
+    trajectories = run(go())  # run_gold raises on any gold trajectory below 1.0
+    assert {t.family for t in trajectories} == {"perception", "reasoning", "search", "integrated"}
+    assert all(t.reward is not None and t.reward.score == 1.0 for t in trajectories)
+    used = {c.tool for t in trajectories for c in t.tool_calls}
+    assert used == {"python", "search", "image_search"}
+    for traj in trajectories:  # one <image> placeholder per image, in order, like the sharegpt files
+        assert sum(m["content"].count("<image>") for m in traj.messages) == len(traj.images)
+
+
+def test_observations_are_deepeyesv2_strings(suite: Suite, tools_env: ToolEndpoints) -> None:
+    mini = first(suite, "perception", "display(crop)")
+    traj = run(episode(tools_env, mini.task, mini.gold))
+    obs = traj.messages[3]
+    assert obs["role"] == "user"
+    assert obs["content"] == (
+        f"Code execution result:\nstdout:\n```\n{mini.task.answer}\n\n```\n\nstderr:\n```\n\n```\n\nImages:\n<image>"
+    )
+    assert len(traj.images) == 2  # the task image and the crop
+    search = first(suite, "search")
+    straj = run(episode(tools_env, search.task, search.gold))
+    text = straj.messages[3]["content"]
+    assert text.startswith("<tool_response>\nA Google search for '") and text.endswith("\n</tool_response>")
+    assert f"It was founded in {search.task.answer}." in text
+    assert traj.messages[0]["content"] == prompts.SYSTEM_PROMPT
+
+
+def test_each_trajectory_has_its_own_session(suite: Suite, tools_env: ToolEndpoints) -> None:
+    task = suite.sft[0].task
+    leak = "<think>a</think>\n<code>\n```python\nsecret = 42\nprint('set')\n```\n</code>"
+    peek = (
+        "<think>b</think>\n<code>\n```python\ntry:\n    print(secret)\nexcept NameError:\n"
+        "    print('isolated')\n```\n</code>"
+    )
+    run(episode(tools_env, task, [leak, "<think>done</think><answer>x</answer>"]))
+    traj = run(episode(tools_env, task, [peek, "<think>done</think><answer>x</answer>"]))
+    assert "isolated" in traj.messages[3]["content"]
+
+
+# -- malformed actions and failing tools -----------------------------------------------------------------
+
+
+def test_format_rules(suite: Suite, tools_env: ToolEndpoints) -> None:
+    task = first(suite, "reasoning").task
+    right = task.answer
+    cases = {
+        "balanced": (f"<think>ok</think>\n<answer>{right}</answer>", 1.0, 1.0),
+        "unbalanced think": (f"<think>a<think>b</think>\n<answer>{right}</answer>", 0.0, 1.0),
+        "no think at all": (f"<answer>{right}</answer>", 0.0, 1.0),
+        "two answers": (f"<think>a</think><answer>{right}</answer><answer>{right}</answer>", 1.0, 1.0),
+        "unclosed answer": (f"<think>a</think><answer>{right}</answer><answer>", 0.0, 1.0),
+        "empty answer": ("<think>a</think><answer> </answer>", 0.0, 0.0),
+        "300-char answer": (f"<think>a</think><answer>{right}{'x' * 300}</answer>", 0.0, 0.0),
+        "wrong answer": ("<think>a</think><answer>12</answer>", 1.0, 0.0),
+    }
+    for name, (turn, fmt, acc) in cases.items():
+        reward = run(score(turn, task))
+        assert (reward.format, reward.accuracy) == (fmt, acc), name
+        assert reward.score == pytest.approx(0.8 * acc + 0.2 * fmt), name
+    assert format_check("<think>x</think><code>a</code><code>b<answer>1</answer>")[0] is True  # unbalanced code
+
+
+def test_malformed_tool_calls_become_observations(suite: Suite, tools_env: ToolEndpoints) -> None:
+    task = first(suite, "search").task
+    answer = f"<think>found</think>\n<answer>{task.answer}</answer>"
+    turns = [
+        "<think>x</think>\n<tool_call>\n{not json}\n</tool_call>",
+        '<think>x</think>\n<tool_call>\n{"name": "browse", "arguments": {}}\n</tool_call>',
+        '<think>x</think>\n<tool_call>\n{"name": "image_search", "arguments": {"query": "q"}}\n</tool_call>',
+        answer,
+    ]
+    traj = run(episode(tools_env, task, turns))
+    observations = [m["content"] for m in traj.messages if m["role"] == "user"][1:]
+    assert observations[0].startswith("Invalid tool call format: {not json}. Error: ")
+    assert observations[1] == 'Invalid tool call name: {"name": "browse", "arguments": {}}.'
+    assert observations[2].startswith("Invalid tool call parameters for image search")
+    assert traj.finish == "answer" and traj.reward is not None and traj.reward.score == 1.0
+
+
+def test_no_action_or_missing_answer_ends_the_episode(suite: Suite, tools_env: ToolEndpoints) -> None:
+    task = suite.sft[0].task
+    traj = run(episode(tools_env, task, ["<think>I will just think.</think>", "never reached"]))
+    assert traj.finish == "invalid_action" and traj.turns == 1
+    assert traj.reward is not None and (traj.reward.format, traj.reward.score) == (0.0, 0.0)
+    unclosed = run(episode(tools_env, task, ["<think>a</think>\n<code>\n```python\nprint(1)\n```"]))
+    assert unclosed.finish == "invalid_action"
+    looping = "<think>again</think>\n<code>\n```python\nprint(1)\n```\n</code>"
+    capped = run(episode(tools_env, task, [looping] * 3, max_turns=3))
+    assert capped.finish == "max_turns" and capped.turns == 3 and capped.reward.score == 0.0  # type: ignore[union-attr]
+
+
+def test_sandbox_errors_and_timeouts_are_observations(suite: Suite, tools_env: ToolEndpoints) -> None:
+    task = suite.sft[0].task
+    end = "<think>ok</think><answer>x</answer>"
+    crash = "<think>a</think>\n<code>\n```python\n1 / 0\n```\n</code>"
+    slow = "<think>b</think>\n<code>\n```python\nwhile True:\n    pass\n```\n</code>"
+    traj = run(episode(tools_env, task, [crash, slow, end], code_timeout_s=1))
+    crash_obs, slow_obs = (m["content"] for m in traj.messages[3:6:2])
+    assert "ZeroDivisionError: division by zero" in crash_obs and crash_obs.startswith("Code execution result:")
+    assert "TimeoutError: execution exceeded the 1 s time limit" in slow_obs
+    assert traj.finish == "answer"
+    down = ToolEndpoints("http://127.0.0.1:9", tools_env.search_url)  # nothing listens on port 9
+    dead = run(episode(down, task, [crash, end]))
+    assert "SandboxError: code executor unreachable" in dead.messages[3]["content"] and dead.finish == "answer"
+    nosearch = ToolEndpoints(tools_env.sandbox_url, "http://127.0.0.1:9")
+    lost = run(
+        episode(
+            nosearch,
+            task,
+            ['<think>s</think><tool_call>{"name": "search", "arguments": {"query": "q"}}</tool_call>', end],
+        )
+    )
+    assert lost.messages[3]["content"] == "Search error"
+
+
+def test_llm_judge_over_an_openai_compatible_endpoint(suite: Suite) -> None:
+    seen: list[dict[str, Any]] = []
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        seen.append(body)
+        verdict = "TRUE" if "fourteen hundred" in body["messages"][0]["content"] else "FALSE"
+        return {"choices": [{"message": {"role": "assistant", "content": f"## Equivalence Judgement\n{verdict}"}}]}
+
+    task = Task(id="j", family="search", question="When was it founded?", answer="1400", image=b"")
+    with serve_app(app) as url:
+        judge = Judge(f"{url}/v1")
+        good = run(score("<think>a</think><answer>fourteen hundred</answer>", task, judge=judge))
+        bad = run(score("<think>a</think><answer>1500</answer>", task, judge=judge))
+    assert (good.accuracy, bad.accuracy) == (1.0, 0.0)
+    assert seen[0]["model"] == "judge" and "**Reference Answer**\n1400" in seen[0]["messages"][0]["content"]
+
+
+def test_trajectory_exports_to_sharegpt(suite: Suite, tools_env: ToolEndpoints) -> None:
+    mini = first(suite, "integrated", "image_search")
+    traj = run(episode(tools_env, mini.task, mini.gold))
+    messages, images = traj.to_sharegpt()
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert sum(m["content"].count("<image>") for m in messages) == len(images) > 1
+    assert json.loads(json.dumps(messages)) == messages
+
+
+def test_unparseable_search_query_argument(suite: Suite, tools_env: ToolEndpoints) -> None:
+    task = suite.sft[0].task
+    call = '<think>s</think><tool_call>{"name": "search", "arguments": {"q": "x"}}</tool_call>'
+    traj = run(episode(tools_env, task, [call, "<think>ok</think><answer>x</answer>"]))
+    assert traj.messages[3]["content"].startswith("Tool call execution error: 'query' is required")

@@ -1,0 +1,255 @@
+"""DeepEyesV2 data formats, the generated suite, and tiny models (local paths and s3://)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from argus.agent.task import Task
+from argus.config import StackSettings
+from argus.data import formats
+from argus.data.formats import DataFormatError
+from argus.data.tasks import build_suite
+from argus.procs import free_port, wait_until
+from argus.storage import download_dir, ensure_buckets, read_uri, s3_healthy
+from tests.conftest import Cli
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackSettings]:
+    """A local S3 endpoint; the settings are also exported so code that reads the env finds it."""
+    root = tmp_path_factory.mktemp("s3")
+    stack = StackSettings(home=root, s3_port=free_port())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "argus.s3server", "--port", str(stack.s3_port), "--data-dir", str(root / "data")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_until(lambda: s3_healthy(stack), timeout_s=60)
+        ensure_buckets(stack)
+        mp = pytest.MonkeyPatch()
+        mp.setenv("ARGUS_S3_PORT", str(stack.s3_port))
+        yield stack
+        mp.undo()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def tasks() -> list[Task]:
+    suite = build_suite(seed=5, sft_size=4, rl_size=8, eval_size=4)
+    return [m.task for m in suite.rl]
+
+
+# -- formats ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_formats_round_trip(where: str, tmp_path: Path, s3: StackSettings) -> None:
+    base = str(tmp_path) if where == "local" else f"s3://{s3.bucket_data}/roundtrip"
+    rows = tasks()
+    formats.write_rl_parquet(f"{base}/rl.parquet", rows, s3)
+    assert formats.read_rl_parquet(f"{base}/rl.parquet", s3) == [
+        Task(**{**t.__dict__, "extra": {"index": i, "data_source": "argus_mini"}}) for i, t in enumerate(rows)
+    ]
+    examples = [
+        (
+            [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "<image>\nq"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "Images:\n<image><image>"},
+            ],
+            [rows[0].image, rows[1].image, rows[2].image],
+        )
+    ]
+    formats.write_sharegpt(f"{base}/sft/sft.json", examples, s3)
+    (read,) = formats.read_sharegpt(f"{base}/sft/sft.json", settings=s3)
+    assert read.messages == examples[0][0]
+    assert [read_uri(p, s3) for p in read.images] == examples[0][1]
+    cache = {"7": [("Emblem of X", rows[0].image), ("Emblem of Y", rows[1].image)]}
+    formats.write_image_search_cache(f"{base}/search/cache.json", cache, s3)
+    loaded = formats.read_image_search_cache(f"{base}/search/cache.json", s3)
+    assert [t for t, _p in loaded["7"]] == ["Emblem of X", "Emblem of Y"]
+    assert read_uri(loaded["7"][1][1], s3) == rows[1].image
+
+
+def test_real_deepeyesv2_shapes_load(tmp_path: Path) -> None:
+    # DeepEyesV2's files after data_convert.py: absolute image paths; RL rows with image paths and no
+    # extra_info.question (the question comes from the prompt).
+    img = tmp_path / "imgs" / "a.png"
+    img.parent.mkdir()
+    img.write_bytes(tasks()[0].image)
+    (tmp_path / "sft_part_0.json").write_text(
+        json.dumps(
+            [
+                {
+                    "messages": [
+                        {"role": "system", "content": "sys"},
+                        {"role": "user", "content": "<image>\nWhat is shown?"},
+                        {"role": "assistant", "content": "<think>t</think>\n<answer>a cat</answer>"},
+                    ],
+                    "images": [str(img)],
+                }
+            ]
+        )
+    )
+    (example,) = formats.read_sharegpt(str(tmp_path / "sft_part_0.json"))
+    assert example.images == [str(img)]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from argus.agent.prompts import USER_PROMPT
+
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "data_source": "fvqa",
+                    "prompt": [{"role": "user", "content": USER_PROMPT.format(question="Who built it?")}],
+                    "images": ["imgs/a.png"],
+                    "ability": "search",
+                    "env_name": "visual_toolbox_v2",
+                    "reward_model": {"style": "model", "ground_truth": "Ada Quill"},
+                    "extra_info": {"index": 3, "split": "train"},
+                }
+            ]
+        ),
+        tmp_path / "search.parquet",
+    )
+    (task,) = formats.read_rl_parquet(str(tmp_path / "search.parquet"))
+    assert (task.question, task.answer, task.family, task.id) == ("Who built it?", "Ada Quill", "search", "3")
+    assert task.image == img.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"messages": [{"role": "robot", "content": "x"}], "images": []}], "row 0: message 0 has role 'robot'"),
+        ([{"messages": [{"role": "user", "content": "<image>"}], "images": []}], "row 0: 1 <image> placeholders but 0"),
+        (
+            [{"messages": [{"role": "user", "content": "<image>"}], "images": ["missing.png"]}],
+            "missing.png does not exist",
+        ),
+        ([{"messages": []}], "row 0: needs a non-empty 'messages' list"),
+        ({"not": "a list"}, "expected a list of examples"),
+    ],
+)
+def test_bad_sft_rows_name_the_file_and_row(rows: object, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(DataFormatError, match=message) as info:
+        formats.read_sharegpt(str(path))
+    assert str(path) in str(info.value)
+
+
+# -- the generated suite ---------------------------------------------------------------------------------
+
+
+def test_generate_is_deterministic_and_complete(tmp_path: Path, cli: Cli) -> None:
+    args = ["--sft-size", "12", "--rl-size", "8", "--eval-size", "8", "--runner", "process"]
+    a = cli("data", "generate", "--out", str(tmp_path / "a"), "--seed", "3", *args)
+    cli("data", "generate", "--out", str(tmp_path / "b"), "--seed", "3", *args)
+    cli("data", "generate", "--out", str(tmp_path / "c"), "--seed", "4", *args)
+    assert "perception" in a.stdout and "manifest" in a.stdout
+    ma, mb, mc = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in "abc")
+    assert ma == mb  # same seed, byte-identical files (hashes in the manifest)
+    assert ma["files"] != mc["files"]
+    for rel, digest in ma["files"].items():
+        import hashlib
+
+        assert hashlib.sha256((tmp_path / "a" / rel).read_bytes()).hexdigest() == digest
+    required = {
+        "sft/sft.json",
+        "rl/train.parquet",
+        "eval/eval.parquet",
+        "search/corpus.jsonl",
+        "search/images.jsonl",
+        "search/index.sqlite",
+        "search/image_search_cache.json",
+    }
+    assert required <= set(ma["files"])
+    assert sum(ma["families"]["sft"].values()) == 12
+    examples = formats.read_sharegpt(str(tmp_path / "a" / "sft" / "sft.json"))
+    assert len(examples) == 12
+    eval_tasks = formats.read_rl_parquet(str(tmp_path / "a" / "eval" / "eval.parquet"))
+    train_text = (tmp_path / "a" / "sft" / "sft.json").read_text()
+    # Held out: entities asked about in eval never appear in an SFT trajectory's questions.
+    eval_entities = {t.question.split(" of ")[-1].split(" founded")[0] for t in eval_tasks if t.family == "search"}
+    assert not any(f"{e} founded" in train_text for e in eval_entities)
+    inspect = cli("data", "inspect", str(tmp_path / "a" / "sft" / "sft.json"))
+    assert "12 trajectories" in inspect.stdout
+    assert "Code execution result" in inspect.stdout or "<tool_response>" in inspect.stdout
+    assert "8 tasks" in cli("data", "inspect", str(tmp_path / "a" / "eval" / "eval.parquet")).stdout
+
+
+def test_generate_to_s3(tmp_path: Path, s3: StackSettings) -> None:
+    from argus.data.generate import generate
+
+    out = f"s3://{s3.bucket_data}/mini-seed-9"
+    result = generate(out, seed=9, sft_size=4, rl_size=4, eval_size=4, runner="process", stack=s3)
+    local = download_dir(out, tmp_path / "copy", s3)
+    assert json.loads((local / "manifest.json").read_text()) == result.manifest
+    assert len(formats.read_sharegpt(f"{out}/sft/sft.json", settings=s3)) == 4
+
+
+def test_inspect_reports_bad_files(tmp_path: Path, cli: Cli) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"messages": [{"role": "robot", "content": "x"}]}]))
+    result = cli("data", "inspect", str(bad), check=False)
+    assert result.returncode == 1 and f"{bad}: row 0" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- tiny models --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2_5_vl"])
+def test_tiny_models_load_and_run(arch: str, tmp_path: Path, cli: Cli, s3: StackSettings) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    out = str(tmp_path / arch)
+    assert "wrote" in cli("models", "init-tiny", "--arch", arch, "--out", out).stdout
+    tok = AutoTokenizer.from_pretrained(out)
+    for tag in ("<think>", "</think>", "<code>", "</code>", "<tool_call>", "</tool_call>", "<answer>", "</answer>"):
+        assert tok.tokenize(tag) == [tag]  # one token each: a tiny model can learn the format
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.eos_token == "<|im_end|>"
+    config = AutoConfig.from_pretrained(out)
+    ids = torch.tensor([tok("<think>count</think>")["input_ids"]])
+    if arch == "qwen2":
+        model = AutoModelForCausalLM.from_pretrained(out)
+        assert model(input_ids=ids).logits.shape[-1] == config.vocab_size
+    else:
+        from PIL import Image
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        model = AutoModelForImageTextToText.from_pretrained(out)
+        processor = Qwen2VLImageProcessorPil.from_pretrained(out)
+        pixels = processor(images=[Image.new("RGB", (56, 56), "red")], return_tensors="pt")
+        n = int(pixels["image_grid_thw"].prod()) // 4
+        prompt = "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>What colour?"
+        enc = tok(prompt, return_tensors="pt")
+        logits = model(**enc, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"]).logits
+        assert logits.shape[:2] == enc["input_ids"].shape
+    # The same model through the object store.
+    from argus.models.tiny import init_tiny
+
+    init_tiny(arch, f"s3://{s3.bucket_models}/tiny-{arch}", stack=s3)  # type: ignore[arg-type]
+    copy = download_dir(f"s3://{s3.bucket_models}/tiny-{arch}", tmp_path / "from-s3", s3)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):  # same seed, same bytes
+        assert (copy / name).read_bytes() == (Path(out) / name).read_bytes(), name
+
+
+def test_init_tiny_rejects_unknown_arch(cli: Cli, tmp_path: Path) -> None:
+    result = cli("models", "init-tiny", "--arch", "llama", "--out", str(tmp_path), check=False)
+    assert result.returncode == 2 and "qwen2 or qwen2_5_vl" in result.stderr

@@ -29,6 +29,10 @@ data_app = typer.Typer(help="DeepEyesV2 data: the miniature task suite, format i
 app.add_typer(data_app, name="data")
 models_app = typer.Typer(help="Model utilities: tiny models built from configs.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+train_app = typer.Typer(
+    help="Training jobs run on this machine (torchrun with the PyTorchJob env contract).", no_args_is_help=True
+)
+app.add_typer(train_app, name="train")
 sandbox_app = typer.Typer(help="The code-executor service (stateful Python sessions in gVisor).", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
 
@@ -496,6 +500,125 @@ def models_init_tiny(
     with console.status(f"building tiny {arch}…"):
         files = init_tiny(arch, out, seed=seed)  # type: ignore[arg-type]
     console.print(f"wrote {len(files)} files to {out}", highlight=False)
+
+
+@train_app.command("sft")
+def train_sft(
+    config: Annotated[Path, typer.Option("--config", help="pipeline spec (its model, data and sft sections)")],
+    data: Annotated[str | None, typer.Option(help="sharegpt json (default: the spec's data.sft)")] = None,
+    model: Annotated[str | None, typer.Option(help="base model dir or s3:// (default: the spec's model.base)")] = None,
+    output: Annotated[str | None, typer.Option(help="export URI (default: s3://<models bucket>/<spec>/<run>)")] = None,
+    run_name: Annotated[str | None, typer.Option(help="same name resumes; default <spec>-sft")] = None,
+    nproc: Annotated[int | None, typer.Option(help="processes (default: the spec's sft.nproc_per_node)")] = None,
+    home: HomeOption = None,
+) -> None:
+    """Cold-start SFT on this machine: torchrun with N processes, resuming from its last checkpoint."""
+    import json as _json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from argus.config import SFTJobConfig
+    from argus.launch import TrainingRun
+    from argus.stack import StackError, up
+
+    try:
+        spec = load_spec(config)
+    except SpecError as exc:
+        for issue in exc.issues:
+            err_console.print(f"[red]error:[/] {issue}", highlight=False)
+        raise typer.Exit(1) from None
+    settings = _settings(home)
+    dataset = data or spec.data.sft
+    if dataset is None:
+        err_console.print(
+            f"[red]error:[/] {config} generates its data (data.generate): run `argus data generate "
+            "--out DIR` and pass --data DIR/sft/sft.json",
+            highlight=False,
+        )
+        raise typer.Exit(2)
+    name = run_name or f"{spec.name}-sft"
+    try:
+        with console.status("platform stack…"):
+            up(settings)
+    except StackError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    base = model or spec.model.base.uri
+    if base is None:
+        from argus.models.tiny import init_tiny
+
+        arch = spec.model.base.init_tiny
+        base = str(settings.home / "models" / f"tiny-{arch}-seed{spec.sft.seed}")
+        if not (Path(base) / "config.json").exists():
+            with console.status(f"building tiny {arch}…"):
+                init_tiny(arch, base, seed=spec.sft.seed)  # type: ignore[arg-type]
+    job = SFTJobConfig(
+        job_name=name,
+        dataset=dataset,
+        model=base,
+        sft=spec.sft,
+        mlflow_experiment=spec.name,
+        checkpoint_uri=spec.sft.checkpoint.uri or f"s3://{settings.bucket_checkpoints}/{spec.name}/{name}",
+        output_uri=output or f"s3://{settings.bucket_models}/{spec.name}/{name}",
+        node_pool=spec.sft.node_pool,
+        lineage={"argus.spec.name": spec.name, "argus.spec.file": str(config)},
+    )
+    run_dir = settings.home / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.json").write_text(job.model_dump_json(indent=1))
+    run = TrainingRun(
+        "trainers.sft",
+        run_dir / "job.json",
+        run_dir / "train.log",
+        nproc or spec.sft.nproc_per_node,
+        extra_env=settings.client_env(),
+    )
+    run.start()
+    console.print(f"torchrun ({run.nproc_per_node} processes), log {run.log_path}", highlight=False)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("SFT", total=None, info="starting (DeepSpeed init)")
+
+        def on_event(event: dict[str, Any]) -> None:
+            kind = event["event"]
+            if kind == "start":
+                progress.update(
+                    bar, total=event["total"], completed=event["step"], info=f"MLflow run {event['mlflow_run_id']}"
+                )
+            elif kind == "resumed":
+                progress.console.print(f"resumed from {event['checkpoint']}", highlight=False)
+            elif kind == "step":
+                progress.update(
+                    bar, completed=event["step"], info=f"loss {event['loss']:.4f} · {event['tokens_per_s']:.0f} tok/s"
+                )
+            elif kind == "checkpoint":
+                progress.console.print(f"checkpoint {event['uri']} ({event['seconds']} s)", highlight=False)
+            elif kind == "exported":
+                progress.console.print(f"exported {event['uri']}", highlight=False)
+
+        try:
+            code = run.wait(on_event)
+        except KeyboardInterrupt:
+            run.cancel()
+            err_console.print("cancelled; the next run with the same name resumes from the last checkpoint")
+            raise typer.Exit(130) from None
+    if code != 0:
+        from argus.procs import tail
+
+        err_console.print(
+            f"[red]error:[/] training exited with {code}; the end of {run.log_path}:\n" + tail(run.log_path, 25),
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    console.print(
+        _json.dumps({"job": name, "export": job.output_uri, "checkpoints": job.checkpoint_uri}), highlight=False
+    )
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -431,6 +431,24 @@ class StackSettings(BaseSettings):
     def prefect_url(self) -> str:
         return self.prefect_api_url or f"http://{self.host}:{self.prefect_port}/api"
 
+    @classmethod
+    def for_workload(cls) -> StackSettings:
+        """Settings inside a job or service pod: the standard client variables win over ARGUS_* ones.
+
+        Pods get the object store and MLflow the way every S3/MLflow client expects them
+        (`AWS_ENDPOINT_URL_S3`, `AWS_ACCESS_KEY_ID`, ..., `MLFLOW_TRACKING_URI`), from a Secret and env.
+        """
+        import os
+
+        standard: dict[str, Any] = {
+            "s3_endpoint": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL"),
+            "s3_access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
+            "s3_secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            "s3_region": os.environ.get("AWS_DEFAULT_REGION"),
+            "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
+        }
+        return cls(**{k: v for k, v in standard.items() if v})
+
     def client_env(self) -> dict[str, str]:
         """Environment a client (trainer, flow, user shell) needs to reach this stack."""
         return {
@@ -544,3 +562,17 @@ class SearchSettings(BaseSettings):
             except OSError as exc:
                 raise ValueError(f"cannot read api_key_file {self.api_key_file}: {exc.strerror}") from exc
         return self.api_key.get_secret_value() if self.api_key else None
+
+
+class SFTJobConfig(StrictModel):
+    """Everything one SFT job needs; a PyTorchJob pod reads it from a mounted file or ARGUS_JOB_CONFIG."""
+
+    job_name: str = Field(pattern=DNS_LABEL)
+    dataset: Uri = Field(description="sharegpt json")
+    model: Uri = Field(description="base model directory (local or s3://)")
+    checkpoint_uri: Uri = Field(description="prefix that receives step-N/ checkpoints")
+    output_uri: Uri = Field(description="where the final Hugging Face model is exported")
+    sft: SFTSpec = Field(default_factory=SFTSpec)
+    mlflow_experiment: str = "argus"
+    node_pool: str | None = None
+    lineage: dict[str, str] = Field(default_factory=dict, description="extra tags for the MLflow run")

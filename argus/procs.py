@@ -91,9 +91,20 @@ def spawn(
     return popen, record
 
 
+def _tree(record: ProcessRecord) -> list[psutil.Process]:
+    """The process group plus every descendant of the leader: children that start their own session
+    (torchrun's workers do) are outside the group but still ours."""
+    found = {p.pid: p for p in record.group_members()}
+    if record.alive():
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(record.pid).children(recursive=True):
+                found.setdefault(child.pid, child)
+    return list(found.values())
+
+
 def stop_group(record: ProcessRecord, *, grace_s: float = 10.0) -> None:
-    """SIGTERM the record's whole process group, then SIGKILL whatever is left after `grace_s`."""
-    members = record.group_members()
+    """SIGTERM the record's process tree, then SIGKILL whatever is left after `grace_s`."""
+    members = _tree(record)
     if not members:
         return
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
@@ -102,7 +113,7 @@ def stop_group(record: ProcessRecord, *, grace_s: float = 10.0) -> None:
                 proc.send_signal(sig)
         _, members = psutil.wait_procs(members, timeout=wait)
         # Processes forked after the first signal are in the group too.
-        members = list({p.pid: p for p in [*members, *record.group_members()]}.values())
+        members = [p for p in {p.pid: p for p in [*members, *record.group_members()]}.values() if p.is_running()]
         if not members:
             return
 

@@ -1,0 +1,269 @@
+"""The SFT trainer: torchrun + DeepSpeed ZeRO-2 on the tiny VL model, checkpoints, resume, MLflow."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from argus.config import SFTJobConfig, StackSettings
+from argus.launch import TrainingRun
+from argus.procs import free_port
+from tests.conftest import REPO, Cli
+from trainers.checkpoint import CheckpointStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackSettings]:
+    home = tmp_path_factory.mktemp("sft-stack")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARGUS_", "MLFLOW_", "AWS_", "PREFECT_"))}
+    env.update(
+        ARGUS_HOME=str(home),
+        ARGUS_S3_PORT=str(free_port()),
+        ARGUS_MLFLOW_PORT=str(free_port()),
+        ARGUS_PREFECT_PORT=str(free_port()),
+        ARGUS_STARTUP_TIMEOUT_S="180",
+    )
+    cli = Cli(env)
+    cli("stack", "up")
+    settings = StackSettings.model_validate(
+        {
+            "home": home,
+            "s3_port": env["ARGUS_S3_PORT"],
+            "mlflow_port": env["ARGUS_MLFLOW_PORT"],
+            "prefect_port": env["ARGUS_PREFECT_PORT"],
+        }
+    )
+    try:
+        yield settings
+    finally:
+        cli("stack", "down")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny Qwen2.5-VL and a small generated SFT split whose trajectories carry images."""
+    from argus.data.generate import generate
+    from argus.models.tiny import init_tiny
+
+    root = tmp_path_factory.mktemp("sft-assets")
+    generate(str(root / "data"), seed=21, sft_size=16, rl_size=4, eval_size=4, runner="process")
+    init_tiny("qwen2_5_vl", str(root / "tiny-vl"), seed=0)
+    return {"data": str(root / "data" / "sft" / "sft.json"), "model": str(root / "tiny-vl")}
+
+
+def job(name: str, assets: dict[str, str], stack: StackSettings, **sft: Any) -> SFTJobConfig:
+    spec = {
+        "nproc_per_node": 2,
+        "precision": "fp32",
+        "max_steps": 12,
+        "micro_batch_size": 2,
+        "grad_accum": 2,
+        "max_seq_len": 4096,
+        "seed": 3,
+        "optim": {"lr": 3e-3, "warmup_ratio": 0.0, "scheduler": "constant"},
+        "checkpoint": {"every_steps": 4, "keep_last": 2},
+        **sft,
+    }
+    return SFTJobConfig(
+        job_name=name,
+        dataset=assets["data"],
+        model=assets["model"],
+        checkpoint_uri=f"s3://{stack.bucket_checkpoints}/tests/{name}",
+        output_uri=f"s3://{stack.bucket_models}/tests/{name}",
+        sft=spec,
+        mlflow_experiment="sft-tests",
+        node_pool="cpu-test",
+        lineage={"argus.test": "yes"},
+    )
+
+
+def start(cfg: SFTJobConfig, stack: StackSettings, tmp: Path, nproc: int = 2) -> TrainingRun:
+    path = tmp / f"{cfg.job_name}.json"
+    path.write_text(cfg.model_dump_json())
+    run = TrainingRun(
+        "trainers.sft", path, tmp / f"{cfg.job_name}-{time.monotonic_ns()}.log", nproc, extra_env=stack.client_env()
+    )
+    run.start()
+    return run
+
+
+def losses(events: list[dict[str, Any]]) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in events if e["event"] == "step"}
+
+
+def test_zero2_vl_training_resumes_exactly_after_a_kill(
+    assets: dict[str, str], stack: StackSettings, tmp_path: Path
+) -> None:
+    import mlflow
+
+    # The uninterrupted reference run.
+    ref_events: list[dict[str, Any]] = []
+    ref = start(job("ref", assets, stack), stack, tmp_path)
+    assert ref.wait(ref_events.append) == 0, ref.log_path.read_text()[-3000:]
+    ref_losses = losses(ref_events)
+    assert sorted(ref_losses) == list(range(1, 13))
+    assert sum(ref_losses[s] for s in (11, 12)) < sum(ref_losses[s] for s in (1, 2))  # loss falls
+
+    # The same job killed mid-run: freeze the whole torchrun tree (SIGSTOP) as soon as a checkpoint is
+    # committed, note the newest complete checkpoint, then SIGKILL it, as a preemption would.
+    first: list[dict[str, Any]] = []
+    killed = start(job("killed", assets, stack), stack, tmp_path)
+    deadline = time.monotonic() + 600
+    while not any(e["event"] == "checkpoint" for e in first):
+        assert time.monotonic() < deadline and killed.popen is not None and killed.popen.poll() is None, (
+            killed.log_path.read_text()[-3000:]
+        )
+        first.extend(killed.events())
+        time.sleep(0.05)
+    assert killed.record is not None and killed.popen is not None
+    import psutil
+
+    tree = [psutil.Process(killed.record.pid), *psutil.Process(killed.record.pid).children(recursive=True)]
+    for proc in tree:  # torchrun's ranks run in sessions of their own: signal every process
+        proc.send_signal(signal.SIGSTOP)
+    latest = CheckpointStore(f"s3://{stack.bucket_checkpoints}/tests/killed", stack).latest()
+    for proc in tree:
+        proc.send_signal(signal.SIGKILL)
+    killed.popen.wait()
+    psutil.wait_procs(tree, timeout=30)
+    assert latest is not None and latest.step in (4, 8)
+    run_id = next(e["mlflow_run_id"] for e in first if e["event"] == "start")
+
+    second: list[dict[str, Any]] = []
+    again = start(job("killed", assets, stack), stack, tmp_path)
+    assert again.wait(second.append) == 0, again.log_path.read_text()[-3000:]
+    resumed = next(e for e in second if e["event"] == "resumed")
+    assert resumed["step"] == latest.step and resumed["checkpoint"].endswith(f"/step-{latest.step:08d}")
+    after = losses(second)
+    assert sorted(after) == list(range(latest.step + 1, 13))  # continues, does not start over
+    for step_no in after:
+        assert after[step_no] == pytest.approx(ref_losses[step_no], rel=1e-6, abs=1e-7), step_no
+    assert next(e for e in second if e["event"] == "start")["mlflow_run_id"] == run_id  # the same MLflow run
+
+    # MLflow: metrics, params and lineage tags on the real server.
+    client = mlflow.MlflowClient(tracking_uri=stack.mlflow_url)
+    run = client.get_run(run_id)
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted({m.step for m in history}) == list(range(1, 13))
+    for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s"):
+        assert key in run.data.metrics
+    tags = run.data.tags
+    assert tags["argus.dataset.sha256"] == hashlib.sha256(Path(assets["data"]).read_bytes()).hexdigest()
+    assert tags["argus.base_model.uri"] == assets["model"] and tags["argus.job.name"] == "killed"
+    assert tags["argus.node_pool"] == "cpu-test" and tags["argus.test"] == "yes" and tags["argus.code_version"]
+    assert run.data.params["zero_stage"] == "2" and run.info.status == "FINISHED"
+
+    # Only the newest K=2 complete checkpoints remain, and the export is a loadable HF model.
+    store = CheckpointStore(f"s3://{stack.bucket_checkpoints}/tests/killed", stack)
+    assert [c.step for c in store.complete()] == [8, 12]
+    from transformers import AutoConfig
+
+    from argus.storage import download_dir
+
+    export = download_dir(f"s3://{stack.bucket_models}/tests/killed", tmp_path / "export", stack)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "argus_export.json"} <= {
+        p.name for p in export.iterdir()
+    }
+    assert AutoConfig.from_pretrained(export).model_type == "qwen2_5_vl"
+    assert json.loads((export / "argus_export.json").read_text())["mlflow_run_id"] == run_id
+
+
+def test_incomplete_and_corrupt_checkpoints_are_skipped(
+    stack: StackSettings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for prefix in (str(tmp_path / "ckpts"), f"s3://{stack.bucket_checkpoints}/tests/corrupt"):
+        store = CheckpointStore(prefix, stack)
+        for step in (1, 2, 3):
+            local = tmp_path / f"files-{step}"
+            (local / "ckpt").mkdir(parents=True, exist_ok=True)
+            (local / "ckpt" / "weights.bin").write_bytes(bytes([step]) * 1000)
+            nonce = store.new_nonce()
+            files = store.upload(local, store.partial_uri(step, nonce))
+            store.commit(step, nonce, files, {"world_size": 1}, keep_last=5)
+        if prefix.startswith("s3://"):
+            from argus.storage import S3Uri, s3_client
+
+            ref = S3Uri.parse(prefix)
+            client = s3_client(stack)
+            client.delete_object(Bucket=ref.bucket, Key=f"{ref.key}/step-00000003/manifest.json")
+            client.put_object(Bucket=ref.bucket, Key=f"{ref.key}/step-00000002/ckpt/weights.bin", Body=b"bit rot")
+        else:
+            (tmp_path / "ckpts" / "step-00000003" / "manifest.json").unlink()
+            (tmp_path / "ckpts" / "step-00000002" / "ckpt" / "weights.bin").write_bytes(b"bit rot")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="argus.checkpoint"):
+            latest = store.latest()
+        assert latest is not None and latest.step == 1, prefix
+        assert "no readable manifest" in caplog.text and "does not match its sha256" in caplog.text
+
+
+def test_bad_dataset_row_names_the_file_and_row(assets: dict[str, str], stack: StackSettings, tmp_path: Path) -> None:
+    rows = json.loads(Path(assets["data"]).read_text())
+    rows[3]["messages"][2]["role"] = "robot"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(rows))
+    (tmp_path / "images").symlink_to(Path(assets["data"]).parent / "images")
+    cfg = job("bad-row", {**assets, "data": str(bad)}, stack)
+    run = start(cfg, stack, tmp_path, nproc=1)
+    assert run.wait() != 0
+    log = run.log_path.read_text()
+    assert f"{bad}: row 3: message 2 has role 'robot'" in log
+
+
+def test_train_sft_cli_on_the_quickstart_spec(stack: StackSettings, assets: dict[str, str], tmp_path: Path) -> None:
+    """`argus train sft --config` with the spec's own defaults (tiny model built on demand)."""
+    spec = (REPO / "examples" / "quickstart.yaml").read_text().replace("epochs: 3", "epochs: 3\n  max_steps: 2")
+    (tmp_path / "spec.yaml").write_text(spec)
+    env = {
+        **os.environ,
+        "ARGUS_HOME": str(stack.home),
+        "ARGUS_S3_PORT": str(stack.s3_port),
+        "ARGUS_MLFLOW_PORT": str(stack.mlflow_port),
+        "ARGUS_PREFECT_PORT": str(stack.prefect_port),
+        "COLUMNS": "200",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "argus.cli",
+            "train",
+            "sft",
+            "--config",
+            str(tmp_path / "spec.yaml"),
+            "--data",
+            assets["data"],
+            "--run-name",
+            "cli-run",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["export"] == f"s3://{stack.bucket_models}/quickstart/cli-run"
+    missing = subprocess.run(
+        [sys.executable, "-m", "argus.cli", "train", "sft", "--config", str(tmp_path / "spec.yaml")],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "argus data generate" in missing.stderr

@@ -1,0 +1,1 @@
+"""Cold-start SFT: `torchrun -m trainers.sft --config job.json`."""

@@ -1,0 +1,3 @@
+from trainers.sft.train import main
+
+main()

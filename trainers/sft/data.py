@@ -1,0 +1,137 @@
+"""SFT examples as model inputs: ChatML tokens, labels on assistant tokens only, images for VL models.
+
+Each message becomes `<|im_start|>{role}\\n{content}<|im_end|>\\n`; only an assistant message's content
+and its closing `<|im_end|>` carry labels. Tool observations are user turns, so they are masked out:
+the model learns to act, not to predict what the tools answer. For a VL model every `<image>` becomes
+`<|vision_start|>` + one `<|image_pad|>` per merged patch + `<|vision_end|>`, with the pixel values and
+grid of that image from the (PIL) image processor.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from argus.config import StackSettings
+from argus.data.formats import IMAGE_TOKEN, DataFormatError, SFTExample
+from argus.storage import read_uri
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+class Encoder:
+    def __init__(
+        self, tokenizer: Any, image_processor: Any | None, max_seq_len: int, settings: StackSettings | None = None
+    ):
+        self.tok = tokenizer
+        self.image_processor = image_processor
+        self.max_seq_len = max_seq_len
+        self.settings = settings
+        self.merge = 4 if image_processor is None else int(getattr(image_processor, "merge_size", 2)) ** 2
+
+    def _ids(self, text: str) -> list[int]:
+        ids: list[int] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _load_images(self, example: SFTExample, where: str) -> list[Image.Image]:
+        images = []
+        for path in example.images:
+            try:
+                images.append(Image.open(io.BytesIO(read_uri(path, self.settings))).convert("RGB"))
+            except (OSError, ValueError) as exc:
+                raise DataFormatError(f"{where}: image {path} cannot be loaded: {exc}") from exc
+        return images
+
+    def encode(self, example: SFTExample, where: str) -> Encoded | None:
+        """None when the example is longer than max_seq_len (it is dropped, not cut mid-turn)."""
+        pixel_values = grid = None
+        pad_counts: list[int] = []
+        if self.image_processor is not None and example.images:
+            images = self._load_images(example, where)
+            processed = self.image_processor(images=images, return_tensors="pt")
+            pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"]
+            pad_counts = [int(g.prod()) // self.merge for g in grid]
+        input_ids: list[int] = []
+        labels: list[int] = []
+        image_index = 0
+        for msg in example.messages:
+            content = msg["content"]
+            if self.image_processor is not None and pad_counts:
+                pieces = content.split(IMAGE_TOKEN)
+                content = pieces[0]
+                for piece in pieces[1:]:
+                    content += "<|vision_start|>" + "<|image_pad|>" * pad_counts[image_index] + "<|vision_end|>" + piece
+                    image_index += 1
+            head = self._ids(f"<|im_start|>{msg['role']}\n")
+            body = self._ids(f"{content}<|im_end|>")
+            tail = self._ids("\n")
+            input_ids += head + body + tail
+            if msg["role"] == "assistant":
+                labels += [IGNORE] * len(head) + body + [IGNORE] * len(tail)
+            else:
+                labels += [IGNORE] * (len(head) + len(body) + len(tail))
+        if len(input_ids) > self.max_seq_len:
+            return None
+        return Encoded(input_ids, labels, pixel_values, grid)
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; images of the whole micro-batch are concatenated in order."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        mask[i, : len(e.input_ids)] = 1
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    pixels = [e.pixel_values for e in batch if e.pixel_values is not None]
+    if pixels:
+        out["pixel_values"] = torch.cat(pixels)
+        out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in batch if e.image_grid_thw is not None])
+    return out
+
+
+class Schedule:
+    """Which examples each rank reads, step by step: a seeded permutation per epoch.
+
+    The position is one integer (samples consumed by all ranks together), which is all a checkpoint
+    needs to resume the data exactly where it stopped.
+    """
+
+    def __init__(self, n: int, seed: int, world: int, rank: int, micro_batch: int):
+        if n < world * micro_batch:
+            raise DataFormatError(f"{n} usable examples cannot fill one micro-batch of {micro_batch} on {world} ranks")
+        self.n, self.seed, self.world, self.rank, self.micro_batch = n, seed, world, rank, micro_batch
+        self.per_round = world * micro_batch
+        self.rounds_per_epoch = n // self.per_round  # the remainder of an epoch is dropped, like drop_last
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(self.n))
+        random.Random(f"{self.seed}-{epoch}").shuffle(order)
+        return order
+
+    def micro_batch_at(self, position: int) -> list[int]:
+        """Indices for this rank at global `position` (counted in micro-batch rounds)."""
+        epoch, round_in_epoch = divmod(position, self.rounds_per_epoch)
+        order = self._order(epoch)
+        start = round_in_epoch * self.per_round + self.rank * self.micro_batch
+        return order[start : start + self.micro_batch]

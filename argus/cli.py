@@ -621,6 +621,90 @@ def train_sft(
     )
 
 
+@app.command("eval")
+def eval_model(
+    model: Annotated[str, typer.Option(help="model directory or s3:// prefix (Hugging Face layout)")],
+    data: Annotated[str, typer.Option(help="generated data root (its eval/eval.parquet and search/index.sqlite)")],
+    limit: Annotated[int | None, typer.Option(help="evaluate only the first N tasks")] = None,
+    max_turns: Annotated[int, typer.Option()] = 9,
+    max_tokens: Annotated[int, typer.Option(help="per model turn")] = 256,
+    runner: Annotated[str, typer.Option(help="sandbox runner: gvisor | process")] = "gvisor",
+    out: Annotated[Path | None, typer.Option(help="write metrics and trajectories (JSON) here")] = None,
+    home: HomeOption = None,
+) -> None:
+    """Evaluate a model with live tools: vLLM (serving virtualenv) + code executor + search proxy."""
+    import asyncio
+    import json as _json
+    import tempfile
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from argus.data.formats import read_rl_parquet
+    from argus.evaluation import evaluate, metrics_table_rows, summarize
+    from argus.storage import download_dir, is_s3, join_uri
+    from argus.toolenv import LocalToolEnvironment
+    from argus.vllm import LocalVLLM
+
+    settings = _settings(home)
+    tasks = read_rl_parquet(join_uri(data, "eval", "eval.parquet"))[:limit]
+    with tempfile.TemporaryDirectory(prefix="argus-eval-") as tmp:
+        root = Path(tmp)
+        model_dir = str(download_dir(model, root / "model")) if is_s3(model) else model
+        index = (
+            Path(download_dir(join_uri(data, "search"), root / "search")) / "index.sqlite"
+            if is_s3(data)
+            else Path(data) / "search" / "index.sqlite"
+        )
+        logs = settings.home / "runs" / "eval"
+        logs.mkdir(parents=True, exist_ok=True)
+        with (
+            console.status("starting vLLM and the tools…"),
+            LocalToolEnvironment(root / "tools", index_path=index, runner=runner) as tools,
+            LocalVLLM(model_dir, served_name="model", log_path=logs / "vllm.log") as base_url,Progress(
+            TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress
+        ):
+            bar = progress.add_task("eval", total=len(tasks))
+            trajectories = asyncio.run(
+                evaluate(
+                    tasks,
+                    base_url=base_url,
+                    model="model",
+                    sandbox_url=tools.sandbox_url,
+                    search_url=tools.search_url,
+                    max_turns=max_turns,
+                    max_tokens=max_tokens,
+                    on_done=lambda _t: progress.advance(bar),
+                )
+            )
+    summary = summarize(trajectories)
+    table = Table(title=f"{model} on {len(tasks)} eval tasks")
+    for col in ("family", "n", "accuracy", "format rate", "tool-call rate", "tool mix", "mean turns"):
+        table.add_column(col)
+    for row in metrics_table_rows(summary):
+        table.add_row(*map(str, row))
+    console.print(table)
+    if out is not None:
+        out.write_text(
+            _json.dumps(
+                {
+                    "metrics": {k: v.__dict__ for k, v in summary.items()},
+                    "trajectories": [
+                        {
+                            "task": t.task_id,
+                            "family": t.family,
+                            "finish": t.finish,
+                            "reward": t.reward.__dict__ if t.reward else None,
+                            "turns": [m["content"] for m in t.messages[2:]],
+                        }
+                        for t in trajectories
+                    ],
+                },
+                indent=1,
+            )
+        )
+
+
 def main() -> None:
     app()
 

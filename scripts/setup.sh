@@ -80,6 +80,15 @@ PY
   echo "$main_stamp" > "$MAIN_VENV/.argus-stamp"
 fi
 
+# DeepSpeed JIT-builds its CPU shared-memory op on first use (30-90 s). Build it once into a cache
+# outside the checkout, so fresh clones on this machine and concurrent ranks never rebuild it.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/argus/torch_extensions}"
+if ! ls "$TORCH_EXTENSIONS_DIR"/deepspeed_shm_comm/*.so >/dev/null 2>&1; then
+  say "building DeepSpeed's CPU communication op (once per machine)"
+  "$MAIN_VENV/bin/python" -c 'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()' \
+    >/dev/null 2>&1 || say "warning: DeepSpeed op prebuild failed; the first training run will build it"
+fi
+
 sandbox_stamp="$(hash_of "$KERNEL_REQS" scripts/setup.sh)"
 if [ "$(cat "$SANDBOX_VENV/.argus-stamp" 2>/dev/null)" != "$sandbox_stamp" ]; then
   ensure_venv "$SANDBOX_VENV"

@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from argus.agent.env import AgentEnv, OpenAIPolicy, ToolClients
 from argus.data.generate import write_search_corpus
 from argus.data.tasks import build_suite
+from argus.evaluation import evaluate, summarize
 from argus.models.tiny import init_tiny
 from argus.toolenv import LocalToolEnvironment
 from argus.vllm import LocalVLLM
@@ -30,19 +30,25 @@ def test_vllm_serves_the_tiny_model_and_a_random_model_scores_zero(tmp_path: Pat
         models = httpx.get(f"{base_url}/models").json()
         assert [m["id"] for m in models["data"]] == ["tiny"]
 
-        async def evaluate() -> list[float]:
-            policy = OpenAIPolicy(base_url, "tiny", max_tokens=48)
-            tools = ToolClients(tools_at.sandbox_url, tools_at.search_url)
-            env = AgentEnv(tools, max_turns=2, code_timeout_s=5)
-            try:
-                trajs = [await env.run(m.task, policy) for m in suite.eval]
-            finally:
-                await tools.aclose()
-                await policy.aclose()
-            return [t.reward.accuracy for t in trajs if t.reward is not None]
-
-        accuracies = asyncio.run(evaluate())
+        trajectories = asyncio.run(
+            evaluate(
+                [m.task for m in suite.eval],
+                base_url=base_url,
+                model="tiny",
+                sandbox_url=tools_at.sandbox_url,
+                search_url=tools_at.search_url,
+                max_turns=2,
+                max_tokens=48,
+                code_timeout_s=5,
+            )
+        )
+    summary = summarize(trajectories)
+    accuracies = [t.reward.accuracy for t in trajectories if t.reward is not None]
+    assert summary["overall"].n == 12 and set(summary) == {"overall", *{m.task.family for m in suite.eval}}
     assert len(accuracies) == 12
     # The baseline row: an untrained model cannot answer (nor, mostly, even format an answer).
-    print(f"baseline: random-init tiny qwen2, eval accuracy {sum(accuracies) / len(accuracies):.3f} on 12 tasks")
-    assert sum(accuracies) / len(accuracies) <= 0.1
+    print(
+        f"baseline: random-init tiny qwen2, eval accuracy {summary['overall'].accuracy:.3f}, "
+        f"format rate {summary['overall'].format_rate:.3f} on 12 tasks"
+    )
+    assert summary["overall"].accuracy <= 0.1

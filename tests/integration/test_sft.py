@@ -267,3 +267,31 @@ def test_train_sft_cli_on_the_quickstart_spec(stack: StackSettings, assets: dict
         timeout=120,
     )
     assert missing.returncode == 2 and "argus data generate" in missing.stderr
+
+
+def test_zero3_text_model_trains_checkpoints_and_exports(
+    assets: dict[str, str], stack: StackSettings, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from argus.models.tiny import init_tiny
+
+    init_tiny("qwen2", str(tmp_path / "tiny-text"), seed=1)
+    cfg = job(
+        "zero3",
+        {**assets, "model": str(tmp_path / "tiny-text")},
+        stack,
+        max_steps=2,
+        grad_accum=1,
+        deepspeed={"zero_stage": 3},
+        checkpoint={"every_steps": 1, "keep_last": 1},
+    )
+    events: list[dict[str, Any]] = []
+    run = start(cfg, stack, tmp_path)
+    assert run.wait(events.append) == 0, run.log_path.read_text()[-3000:]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [1, 2]
+    from argus.storage import download_dir
+
+    export = download_dir(cfg.output_uri, tmp_path / "export", stack)
+    model = AutoModelForCausalLM.from_pretrained(export)  # full (gathered) weights, not ZeRO-3 shards
+    assert all(p.numel() > 0 for p in model.parameters())

@@ -42,7 +42,7 @@ TAG = "ckpt"
 
 def emit(event: str, **fields: Any) -> None:
     """A machine-readable progress line (the CLI and the pipeline follow these)."""
-    print("ARGUS " + json.dumps({"event": event, **fields}), flush=True)
+    print("ARGUS " + json.dumps({"event": event, "time": time.time(), **fields}), flush=True)
 
 
 def load_job(path: str | None) -> SFTJobConfig:
@@ -200,13 +200,14 @@ class Trainer:
                 f"error: checkpoint {latest.uri} was written by {latest.manifest.get('world_size')} ranks; "
                 f"this job has {self.world} (ZeRO optimizer shards need the same world size)"
             )
+        started = time.perf_counter()
         local = store.download(latest, self.work / "resume")
         _path, client = self.engine.load_checkpoint(
             str(local), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         set_rng_state(torch.load(local / TAG / f"rng_rank{self.rank}.pt", weights_only=False))
         if self.is_main:
-            emit("resumed", step=latest.step, checkpoint=latest.uri)
+            emit("resumed", step=latest.step, checkpoint=latest.uri, seconds=round(time.perf_counter() - started, 3))
         return int(client["step"]), int(client["position"]), client.get("mlflow_run_id")
 
     def save(self, step: int, position: int, run_id: str | None) -> None:

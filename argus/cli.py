@@ -660,9 +660,10 @@ def eval_model(
         with (
             console.status("starting vLLM and the tools…"),
             LocalToolEnvironment(root / "tools", index_path=index, runner=runner) as tools,
-            LocalVLLM(model_dir, served_name="model", log_path=logs / "vllm.log") as base_url,Progress(
-            TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-        ) as progress
+            LocalVLLM(model_dir, served_name="model", log_path=logs / "vllm.log") as base_url,
+            Progress(
+                TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+            ) as progress,
         ):
             bar = progress.add_task("eval", total=len(tasks))
             trajectories = asyncio.run(

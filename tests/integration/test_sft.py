@@ -225,7 +225,7 @@ def test_bad_dataset_row_names_the_file_and_row(assets: dict[str, str], stack: S
 
 def test_train_sft_cli_on_the_quickstart_spec(stack: StackSettings, assets: dict[str, str], tmp_path: Path) -> None:
     """`argus train sft --config` with the spec's own defaults (tiny model built on demand)."""
-    spec = (REPO / "examples" / "quickstart.yaml").read_text().replace("epochs: 3", "epochs: 3\n  max_steps: 2")
+    spec = (REPO / "examples" / "quickstart.yaml").read_text().replace("  epochs: 8", "  max_steps: 2\n  epochs: 8")
     (tmp_path / "spec.yaml").write_text(spec)
     env = {
         **os.environ,

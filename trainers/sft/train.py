@@ -311,6 +311,7 @@ class Trainer:
                         "step",
                         step=step,
                         total=self.total_steps,
+                        tokens=int(stats[1]),
                         **{k.split("/")[1]: round(v, 6) for k, v in metrics.items()},
                     )
                 if step % every == 0 or step == self.total_steps:

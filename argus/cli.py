@@ -45,14 +45,21 @@ HomeOption = Annotated[
 ]
 
 
-def _settings(home: Path | None) -> StackSettings:
+def _load_settings(cls: type[Any], **given: Any) -> Any:
+    """Settings from flags (given, when not None) over ARGUS_* env; a bad value names its variable."""
     try:
-        return StackSettings(home=home) if home is not None else StackSettings()
+        return cls(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
+        prefix = cls.model_config.get("env_prefix", "")
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
-            err_console.print(f"[red]error:[/] environment variable ARGUS_{field.upper()}: {err['msg']}")
+            err_console.print(f"[red]error:[/] {field} (environment variable {prefix}{field.upper()}): {err['msg']}")
         raise typer.Exit(2) from None
+
+
+def _settings(home: Path | None) -> StackSettings:
+    settings: StackSettings = _load_settings(StackSettings, home=home)
+    return settings
 
 
 @app.command()
@@ -218,13 +225,7 @@ def sandbox_serve(
         "max_image_bytes": max_image_bytes,
         "state_dir": state_dir,
     }
-    try:
-        settings = SandboxSettings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            err_console.print(f"[red]error:[/] {field} (ARGUS_SANDBOX_{field.upper()}): {err['msg']}")
-        raise typer.Exit(2) from None
+    settings = _load_settings(SandboxSettings, **given)
     console.print(f"code executor: runner {settings.runner}, http://{settings.host}:{settings.port}", highlight=False)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
 
@@ -232,13 +233,7 @@ def sandbox_serve(
 def _search_settings(**given: Any) -> Any:
     from argus.config import SearchSettings
 
-    try:
-        return SearchSettings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            err_console.print(f"[red]error:[/] {field} (ARGUS_SEARCH_{field.upper()}): {err['msg']}")
-        raise typer.Exit(2) from None
+    return _load_settings(SearchSettings, **given)
 
 
 @search_app.command("serve")

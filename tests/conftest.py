@@ -116,3 +116,25 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def s3_endpoint(root: Path) -> Iterator[object]:
+    """A local S3 endpoint (the durable moto server) with Argus' buckets; yields its StackSettings."""
+    from argus.config import StackSettings
+    from argus.procs import wait_until
+    from argus.storage import ensure_buckets, s3_healthy
+
+    stack = StackSettings(home=root, s3_port=free_port())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "argus.s3server", "--port", str(stack.s3_port), "--data-dir", str(root / "s3-data")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_until(lambda: s3_healthy(stack), timeout_s=60), "local S3 endpoint did not start"
+        ensure_buckets(stack)
+        yield stack
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

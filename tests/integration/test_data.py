@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,33 +13,17 @@ from argus.config import StackSettings
 from argus.data import formats
 from argus.data.formats import DataFormatError
 from argus.data.tasks import build_suite
-from argus.procs import free_port, wait_until
-from argus.storage import download_dir, ensure_buckets, read_uri, s3_healthy
-from tests.conftest import Cli
+from argus.storage import download_dir, read_uri
+from tests.conftest import Cli, s3_endpoint
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackSettings]:
-    """A local S3 endpoint; the settings are also exported so code that reads the env finds it."""
-    root = tmp_path_factory.mktemp("s3")
-    stack = StackSettings(home=root, s3_port=free_port())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "argus.s3server", "--port", str(stack.s3_port), "--data-dir", str(root / "data")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert wait_until(lambda: s3_healthy(stack), timeout_s=60)
-        ensure_buckets(stack)
-        mp = pytest.MonkeyPatch()
-        mp.setenv("ARGUS_S3_PORT", str(stack.s3_port))
+    with s3_endpoint(tmp_path_factory.mktemp("s3")) as stack:
+        assert isinstance(stack, StackSettings)
         yield stack
-        mp.undo()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def tasks() -> list[Task]:

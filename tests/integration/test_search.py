@@ -19,12 +19,11 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image, ImageDraw
 
 from argus.config import SearchSettings, StackSettings
-from argus.procs import free_port
 from services.search.app import create_app
 from services.search.cache import SQLiteStore, cache_key, export_snapshot, import_snapshot, normalize_query
 from services.search.index import CorpusError, build_index
 from services.search.limits import TokenBucket
-from tests.conftest import Cli, serve_app
+from tests.conftest import Cli, s3_endpoint, serve_app
 
 pytestmark = pytest.mark.integration
 
@@ -243,40 +242,22 @@ def test_serpapi_web_search(tmp_path: Path, upstream: FakeUpstream) -> None:
 
 
 def test_serpapi_reverse_image_search_through_a_presigned_url(tmp_path: Path, upstream: FakeUpstream) -> None:
-    import subprocess
-    import sys
-
-    from argus.procs import wait_until
-    from argus.storage import ensure_buckets, s3_healthy
-
-    stack = StackSettings(home=tmp_path, s3_port=free_port())
-    s3 = subprocess.Popen(
-        [sys.executable, "-m", "argus.s3server", "--port", str(stack.s3_port), "--data-dir", str(tmp_path / "s3")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert wait_until(lambda: s3_healthy(stack), timeout_s=60)
-        ensure_buckets(stack)
-        env = {"ARGUS_S3_PORT": str(stack.s3_port), "ARGUS_HOME": str(tmp_path)}
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in env.items():
-                mp.setenv(k, v)
-            s = settings(
-                tmp_path,
-                backend="serpapi",
-                api_key=API_KEY,
-                serpapi_url=f"{upstream.base}/search.json",
-                image_bucket=stack.bucket_cache,
-            )
-            query = png("red")
-            with serve_app(create_app(s)) as url:
-                body = httpx.post(
-                    f"{url}/v1/image_search", json={"image": base64.b64encode(query).decode()}, timeout=30
-                ).json()
-    finally:
-        s3.terminate()
-        s3.wait(timeout=10)
+    with s3_endpoint(tmp_path) as stack, pytest.MonkeyPatch.context() as mp:
+        assert isinstance(stack, StackSettings)
+        mp.setenv("ARGUS_S3_PORT", str(stack.s3_port))
+        mp.setenv("ARGUS_HOME", str(tmp_path))
+        s = settings(
+            tmp_path,
+            backend="serpapi",
+            api_key=API_KEY,
+            serpapi_url=f"{upstream.base}/search.json",
+            image_bucket=stack.bucket_cache,
+        )
+        query = png("red")
+        with serve_app(create_app(s)) as url:
+            body = httpx.post(
+                f"{url}/v1/image_search", json={"image": base64.b64encode(query).decode()}, timeout=30
+            ).json()
     assert upstream.fetched_images == [query]
     assert [r["title"] for r in body["results"]] == ["Red disc on white - stock image", "Red disc, variant"]
     assert all(base64.b64decode(r["image"]) == png("red") for r in body["results"])
@@ -372,22 +353,10 @@ def test_live_mode_stores_nothing_and_cache_first_fills(tmp_path: Path, upstream
 
 
 def test_snapshot_round_trip_through_s3(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    from argus.procs import wait_until
-    from argus.storage import ensure_buckets, s3_healthy
     from services.search.cache import Entry
 
-    stack = StackSettings(home=tmp_path, s3_port=free_port())
-    s3 = subprocess.Popen(
-        [sys.executable, "-m", "argus.s3server", "--port", str(stack.s3_port), "--data-dir", str(tmp_path / "s3")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert wait_until(lambda: s3_healthy(stack), timeout_s=60)
-        ensure_buckets(stack)
+    with s3_endpoint(tmp_path) as stack:
+        assert isinstance(stack, StackSettings)
 
         async def go() -> list[Entry]:
             src, dst = SQLiteStore(tmp_path / "a.sqlite"), SQLiteStore(tmp_path / "b.sqlite")
@@ -411,9 +380,6 @@ def test_snapshot_round_trip_through_s3(tmp_path: Path) -> None:
             return out
 
         entries = asyncio.run(go())
-    finally:
-        s3.terminate()
-        s3.wait(timeout=10)
     assert [e.value for e in entries] == [[{"i": i}] for i in range(5)]
 
 

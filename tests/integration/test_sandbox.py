@@ -300,12 +300,15 @@ def test_no_network_to_the_host(client: httpx.Client, bystander: str) -> None:
 
 
 def test_cannot_write_outside_scratch(client: httpx.Client, bystander: str) -> None:
+    # Every host directory the sandbox can see (the read-only root, the kernel's Python and its
+    # libraries, the kernel code) refuses writes. The sandbox's own /tmp and /scratch are private tmpfs.
     targets = [
         "/usr/argus-pwned",
         "/etc/argus-pwned",
-        "/opt/argus/kernel/kernel.py",
-        f"{REPO}/argus-pwned",
         "/argus-pwned",
+        "/opt/argus/kernel/kernel.py",
+        f"{REPO / '.venv-sandbox'}/argus-pwned",
+        f"{sys.base_prefix}/argus-pwned",
     ]
     code = "results = []\n"
     for t in targets:
@@ -316,9 +319,17 @@ def test_cannot_write_outside_scratch(client: httpx.Client, bystander: str) -> N
     code += "open('ok.txt', 'w').write('scratch is writable')\nprint(results, open('ok.txt').read())"
     out = jupyter(client, "writer", code)
     assert "WROTE" not in out["output"]["stdout"] and "scratch is writable" in out["output"]["stdout"]
-    for t in targets:
-        assert not Path(t).exists() or t.endswith("kernel.py")
-    assert "x" not in (REPO / "services/sandbox/kernel/kernel.py").read_text()[-5:]
+    # Nothing reached the host, wherever the checkout lives (under /tmp too, where the sandbox's
+    # private /tmp shadows it).
+    escape = jupyter(
+        client,
+        "writer",
+        f"open({str(REPO / 'argus-pwned')!r}, 'w').write('x') if __import__('os').path.isdir({str(REPO)!r}) else None",
+    )
+    assert escape["status"] in ("success", "error")
+    for t in [*targets, str(REPO / "argus-pwned")]:
+        assert not Path(t).exists() or t.endswith("kernel.py"), t
+    assert (REPO / "services/sandbox/kernel/kernel.py").read_text().endswith("main()\n")
 
 
 def test_cannot_see_the_service_environment_or_files(client: httpx.Client, bystander: str) -> None:

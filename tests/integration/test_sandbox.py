@@ -307,7 +307,7 @@ def test_cannot_write_outside_scratch(client: httpx.Client, bystander: str) -> N
         "/etc/argus-pwned",
         "/argus-pwned",
         "/opt/argus/kernel/kernel.py",
-        f"{REPO / '.venv-sandbox'}/argus-pwned",
+        f"{REPO / '.venv-sandbox' / 'lib' / 'python3.11' / 'site-packages'}/argus-pwned",
         f"{sys.base_prefix}/argus-pwned",
     ]
     code = "results = []\n"

@@ -83,9 +83,10 @@ fi
 # DeepSpeed JIT-builds its CPU shared-memory op on first use (30-90 s). Build it once into a cache
 # outside the checkout, so fresh clones on this machine and concurrent ranks never rebuild it.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/argus/torch_extensions}"
-if ! ls "$TORCH_EXTENSIONS_DIR"/deepspeed_shm_comm/*.so >/dev/null 2>&1; then
-  say "building DeepSpeed's CPU communication op (once per machine)"
-  "$MAIN_VENV/bin/python" -c 'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()' \
+if ! ls "$TORCH_EXTENSIONS_DIR"/deepspeed_shm_comm/*.so "$TORCH_EXTENSIONS_DIR"/cpu_adam/*.so >/dev/null 2>&1; then
+  say "building DeepSpeed's CPU ops: communication, Adam for ZeRO-Offload (once per machine)"
+  "$MAIN_VENV/bin/python" -c 'from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder
+ShareMemCommBuilder().load(); CPUAdamBuilder().load()' \
     >/dev/null 2>&1 || say "warning: DeepSpeed op prebuild failed; the first training run will build it"
 fi
 

@@ -269,8 +269,9 @@ def test_train_sft_cli_on_the_quickstart_spec(stack: StackSettings, assets: dict
     assert missing.returncode == 2 and "argus data generate" in missing.stderr
 
 
+@pytest.mark.parametrize("offload", [False, True], ids=["zero3", "zero3-cpu-offload"])
 def test_zero3_text_model_trains_checkpoints_and_exports(
-    assets: dict[str, str], stack: StackSettings, tmp_path: Path
+    offload: bool, assets: dict[str, str], stack: StackSettings, tmp_path: Path
 ) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -278,12 +279,13 @@ def test_zero3_text_model_trains_checkpoints_and_exports(
 
     init_tiny("qwen2", str(tmp_path / "tiny-text"), seed=1)
     cfg = job(
-        "zero3",
+        "zero3-offload" if offload else "zero3",
         {**assets, "model": str(tmp_path / "tiny-text")},
         stack,
         max_steps=2,
         grad_accum=1,
-        deepspeed={"zero_stage": 3},
+        # The 7B spec's setting: ZeRO-3 with the optimizer stepped on the CPU (DeepSpeedCPUAdam).
+        deepspeed={"zero_stage": 3, "offload_optimizer": offload},
         checkpoint={"every_steps": 1, "keep_last": 1},
     )
     events: list[dict[str, Any]] = []

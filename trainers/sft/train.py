@@ -180,7 +180,17 @@ class Trainer:
         steps_per_epoch = max(1, self.schedule.rounds_per_epoch // job.sft.grad_accum)
         self.total_steps = job.sft.max_steps or max(1, math.ceil(job.sft.epochs * steps_per_epoch))
         optim = job.sft.optim
-        optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        optimizer: torch.optim.Optimizer
+        if job.sft.deepspeed.offload_optimizer:
+            # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU Adam(W) is the one it
+            # is built for (and the one it accepts by default).
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(
+                model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, adamw_mode=True
+            )
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
         warmup = int(optim.warmup_ratio * self.total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim.scheduler, warmup, self.total_steps))
         self.engine, self.optimizer, _, self.scheduler = self.deepspeed.initialize(

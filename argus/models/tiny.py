@@ -183,12 +183,4 @@ def init_tiny(arch: Arch, out: str, *, seed: int = 0, stack: StackSettings | Non
         tokenizer.save_pretrained(local)
         if processor is not None:
             processor.save_pretrained(local)
-        if out.startswith("s3://"):
-            return upload_dir(local, out, stack)
-        dest = Path(out)
-        dest.mkdir(parents=True, exist_ok=True)
-        written = []
-        for path in sorted(local.iterdir()):
-            (dest / path.name).write_bytes(path.read_bytes())
-            written.append(str(dest / path.name))
-        return written
+        return upload_dir(local, out, stack)

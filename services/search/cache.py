@@ -24,7 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from argus.config import SearchSettings, StackSettings
-from argus.storage import S3Uri, s3_client
+from argus.storage import read_uri, write_uri
 
 
 def normalize_query(query: str) -> str:
@@ -175,25 +175,12 @@ async def export_snapshot(store: CacheStore, dest: str, stack: StackSettings | N
         async for entry in store.entries():
             gz.write((entry.to_json() + "\n").encode())
             count += 1
-    data = buf.getvalue()
-    if dest.startswith("s3://"):
-        uri = S3Uri.parse(dest)
-        s3_client(stack or StackSettings()).put_object(Bucket=uri.bucket, Key=uri.key, Body=data)
-    else:
-        path = Path(dest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+    write_uri(dest, buf.getvalue(), stack)
     return count
 
 
 async def import_snapshot(store: CacheStore, src: str, stack: StackSettings | None = None) -> int:
-    if src.startswith("s3://"):
-        uri = S3Uri.parse(src)
-        data = s3_client(stack or StackSettings()).get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
-    else:
-        data = Path(src).read_bytes()
+    data = read_uri(src, stack)
     count = 0
     for n, line in enumerate(gzip.decompress(data).decode().splitlines(), 1):
         if not line.strip():

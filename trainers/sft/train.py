@@ -366,18 +366,9 @@ class Trainer:
                     indent=1,
                 )
             )
-            if is_s3(self.job.output_uri):
-                upload_dir(out, self.job.output_uri, self.settings)
-            else:
-                _copy_tree(out, Path(self.job.output_uri))
+            upload_dir(out, self.job.output_uri, self.settings)
             emit("exported", uri=self.job.output_uri, step=step)
         self.dist.barrier()
-
-
-def _copy_tree(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for path in src.iterdir():
-        (dst / path.name).write_bytes(path.read_bytes())
 
 
 def _die_with_launcher() -> None:

@@ -138,9 +138,13 @@ def stack_status(home: HomeOption = None) -> None:
 
 @stack_app.command("down")
 def stack_down(home: HomeOption = None) -> None:
-    """Stop exactly what `argus stack up` started."""
-    from argus.stack import down
+    """Stop exactly what `argus stack up` started, and the models served on this machine."""
+    from argus.backends.local import LocalBackend
+    from argus.stack import down, effective_settings
 
+    served = LocalBackend(effective_settings(_settings(home))).stop_serving()
+    if served:
+        console.print(f"stopped serving: {', '.join(served)}", highlight=False)
     stopped = down(_settings(home))
     console.print(f"stopped: {', '.join(stopped)}" if stopped else "the stack was not running")
 
@@ -512,8 +516,8 @@ def train_sft(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from argus.config import SFTJobConfig
-    from argus.launch import TrainingRun
+    from argus.backends.local import LocalBackend
+    from argus.jobs import base_model_uri, sft_job
     from argus.stack import StackError, up
 
     try:
@@ -527,7 +531,7 @@ def train_sft(
     if dataset is None:
         err_console.print(
             f"[red]error:[/] {config} generates its data (data.generate): run `argus data generate "
-            "--out DIR` and pass --data DIR/sft/sft.json",
+            "--out DIR` and pass --data DIR/sft/sft.json, or run the whole pipeline with `argus run`",
             highlight=False,
         )
         raise typer.Exit(2)
@@ -538,38 +542,23 @@ def train_sft(
     except StackError as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
-    base = model or spec.model.base.uri
-    if base is None:
-        from argus.models.tiny import init_tiny
-
-        arch = spec.model.base.init_tiny
-        base = str(settings.home / "models" / f"tiny-{arch}-seed{spec.sft.seed}")
-        if not (Path(base) / "config.json").exists():
-            with console.status(f"building tiny {arch}…"):
-                init_tiny(arch, base, seed=spec.sft.seed)  # type: ignore[arg-type]
-    job = SFTJobConfig(
-        job_name=name,
+    if model is None:
+        with console.status("base model…"):
+            model = base_model_uri(spec, settings)
+    job = sft_job(
+        spec,
+        settings,
+        name=name,
         dataset=dataset,
-        model=base,
-        sft=spec.sft,
-        mlflow_experiment=spec.name,
-        checkpoint_uri=spec.sft.checkpoint.uri or f"s3://{settings.bucket_checkpoints}/{spec.name}/{name}",
-        output_uri=output or f"s3://{settings.bucket_models}/{spec.name}/{name}",
-        node_pool=spec.sft.node_pool,
-        lineage={"argus.spec.name": spec.name, "argus.spec.file": str(config)},
+        model=model,
+        output_uri=output,
+        nproc_per_node=nproc,
+        spec_file=config,
     )
-    run_dir = settings.home / "runs" / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "job.json").write_text(job.model_dump_json(indent=1))
-    run = TrainingRun(
-        "trainers.sft",
-        run_dir / "job.json",
-        run_dir / "train.log",
-        nproc or spec.sft.nproc_per_node,
-        extra_env=settings.client_env(),
+    backend = LocalBackend(settings)
+    console.print(
+        f"torchrun ({job.nproc_per_node} processes), log {backend.job_dir(name) / 'train.log'}", highlight=False
     )
-    run.start()
-    console.print(f"torchrun ({run.nproc_per_node} processes), log {run.log_path}", highlight=False)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -588,6 +577,8 @@ def train_sft(
                 )
             elif kind == "resumed":
                 progress.console.print(f"resumed from {event['checkpoint']}", highlight=False)
+            elif kind == "restarting":
+                progress.console.print(f"torchrun exited with {event['exit_code']}; restart {event['restart']}")
             elif kind == "step":
                 progress.update(
                     bar, completed=event["step"], info=f"loss {event['loss']:.4f} · {event['tokens_per_s']:.0f} tok/s"
@@ -598,21 +589,20 @@ def train_sft(
                 progress.console.print(f"exported {event['uri']}", highlight=False)
 
         try:
-            code = run.wait(on_event)
+            result = backend.run(job, on_event)
         except KeyboardInterrupt:
-            run.cancel()
             err_console.print("cancelled; the next run with the same name resumes from the last checkpoint")
             raise typer.Exit(130) from None
-    if code != 0:
-        from argus.procs import tail
-
+    if not result.succeeded:
         err_console.print(
-            f"[red]error:[/] training exited with {code}; the end of {run.log_path}:\n" + tail(run.log_path, 25),
+            f"[red]error:[/] training job {name} {result.state.value}: {result.message}; the end of its log:\n"
+            + result.log_tail,
             highlight=False,
         )
         raise typer.Exit(1)
     console.print(
-        _json.dumps({"job": name, "export": job.output_uri, "checkpoints": job.checkpoint_uri}), highlight=False
+        _json.dumps({"job": name, "export": job.config["output_uri"], "checkpoints": job.config["checkpoint_uri"]}),
+        highlight=False,
     )
 
 
@@ -628,77 +618,76 @@ def eval_model(
     home: HomeOption = None,
 ) -> None:
     """Evaluate a model with live tools: vLLM (serving virtualenv) + code executor + search proxy."""
-    import asyncio
     import json as _json
     import tempfile
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from argus.backends.local import LocalBackend
     from argus.data.formats import read_rl_parquet
-    from argus.evaluation import evaluate, metrics_table_rows, summarize
-    from argus.storage import download_dir, is_s3, join_uri
+    from argus.evaluation import evaluate_served
+    from argus.storage import download_dir, join_uri
     from argus.toolenv import LocalToolEnvironment
-    from argus.vllm import LocalVLLM
 
     settings = _settings(home)
     tasks = read_rl_parquet(join_uri(data, "eval", "eval.parquet"))[:limit]
+    backend = LocalBackend(settings)
     with tempfile.TemporaryDirectory(prefix="argus-eval-") as tmp:
         root = Path(tmp)
-        model_dir = str(download_dir(model, root / "model")) if is_s3(model) else model
-        index = (
-            Path(download_dir(join_uri(data, "search"), root / "search")) / "index.sqlite"
-            if is_s3(data)
-            else Path(data) / "search" / "index.sqlite"
-        )
-        logs = settings.home / "runs" / "eval"
-        logs.mkdir(parents=True, exist_ok=True)
+        index = Path(download_dir(join_uri(data, "search"), root / "search")) / "index.sqlite"
         with (
-            console.status("starting vLLM and the tools…"),
+            console.status("starting the tools…"),
             LocalToolEnvironment(root / "tools", index_path=index, runner=runner) as tools,
-            LocalVLLM(model_dir, served_name="model", log_path=logs / "vllm.log") as base_url,
-            Progress(
-                TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-            ) as progress,
         ):
-            bar = progress.add_task("eval", total=len(tasks))
-            trajectories = asyncio.run(
-                evaluate(
-                    tasks,
-                    base_url=base_url,
-                    model="model",
-                    sandbox_url=tools.sandbox_url,
-                    search_url=tools.search_url,
-                    max_turns=max_turns,
-                    max_tokens=max_tokens,
-                    on_done=lambda _t: progress.advance(bar),
-                )
-            )
-    summary = summarize(trajectories)
-    table = Table(title=f"{model} on {len(tasks)} eval tasks")
+            console.print("starting vLLM…")
+            with Progress(
+                TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+            ) as progress:
+                bar = progress.add_task("eval", total=len(tasks))
+                try:
+                    result = evaluate_served(
+                        backend,
+                        name="eval",
+                        model_uri=model,
+                        tasks=tasks,
+                        tools=tools,
+                        max_turns=max_turns,
+                        max_tokens=max_tokens,
+                        on_done=lambda _t: progress.advance(bar),
+                    )
+                finally:
+                    backend.close()
+    _print_metrics(f"{model} on {len(tasks)} eval tasks", result.summary)
+    if out is not None:
+        out.write_text(_json.dumps(result.report(), indent=1))
+
+
+def _print_metrics(title: str, summary: dict[str, Any]) -> None:
+    from argus.evaluation import metrics_table_rows
+
+    table = Table(title=title)
     for col in ("family", "n", "accuracy", "format rate", "tool-call rate", "tool mix", "mean turns"):
         table.add_column(col)
     for row in metrics_table_rows(summary):
         table.add_row(*map(str, row))
     console.print(table)
-    if out is not None:
-        out.write_text(
-            _json.dumps(
-                {
-                    "metrics": {k: v.__dict__ for k, v in summary.items()},
-                    "trajectories": [
-                        {
-                            "task": t.task_id,
-                            "family": t.family,
-                            "finish": t.finish,
-                            "reward": t.reward.__dict__ if t.reward else None,
-                            "turns": [m["content"] for m in t.messages[2:]],
-                        }
-                        for t in trajectories
-                    ],
-                },
-                indent=1,
-            )
-        )
+
+
+from argus.cli_pipeline import (  # noqa: E402 - commands defined there
+    deploy_command,
+    promote_command,
+    rollback_command,
+    run_command,
+    runs_app,
+    serving_app,
+)
+
+app.command("run")(run_command)
+app.command("deploy")(deploy_command)
+app.command("promote")(promote_command)
+app.command("rollback")(rollback_command)
+app.add_typer(runs_app, name="runs")
+app.add_typer(serving_app, name="serving")
 
 
 def main() -> None:

@@ -387,6 +387,9 @@ class StackSettings(BaseSettings):
     s3_port: int = Field(9000, ge=1, le=65535)
     mlflow_port: int = Field(5000, ge=1, le=65535)
     prefect_port: int = Field(4200, ge=1, le=65535)
+    worker_port: int = Field(4201, ge=1, le=65535, description="health endpoint of the local Prefect worker")
+    work_pool: str = Field("argus-local", description="process work pool the local worker serves")
+    serving_port: int = Field(8000, ge=1, le=65535, description="first port of the stable serving endpoints")
 
     s3_endpoint: str | None = Field(None, description="external S3/MinIO endpoint; local moto server if unset")
     s3_access_key: str = "argus"
@@ -448,6 +451,10 @@ class StackSettings(BaseSettings):
             "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
         }
         return cls(**{k: v for k, v in standard.items() if v})
+
+    def argus_env(self) -> dict[str, str]:
+        """`ARGUS_*` variables that reproduce these settings in a child process (flows, workers)."""
+        return {f"ARGUS_{k.upper()}": str(v) for k, v in self.model_dump().items() if v is not None}
 
     def client_env(self) -> dict[str, str]:
         """Environment a client (trainer, flow, user shell) needs to reach this stack."""

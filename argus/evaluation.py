@@ -15,6 +15,8 @@ from typing import Any
 
 from argus.agent.env import AgentEnv, OpenAIPolicy, ToolClients, Trajectory
 from argus.agent.task import Task
+from argus.backends.base import Backend, ServingEndpoint, ToolEndpoints
+from argus.config import ServingTarget
 
 TOOLS = ("python", "search", "image_search")
 
@@ -105,3 +107,96 @@ def metrics_table_rows(summary: dict[str, Metrics]) -> list[list[Any]]:
         ]
         for name, m in summary.items()
     ]
+
+
+@dataclass
+class EvalRun:
+    trajectories: list[Trajectory]
+    summary: dict[str, Metrics]
+    serve_s: float
+    eval_s: float
+
+    def report(self) -> dict[str, Any]:
+        """Metrics and every trajectory as JSON (the MLflow artifact and `argus eval --out`)."""
+        return {
+            "metrics": {k: asdict(v) for k, v in self.summary.items()},
+            "trajectories": [
+                {
+                    "task": t.task_id,
+                    "family": t.family,
+                    "finish": t.finish,
+                    "reward": asdict(t.reward) if t.reward else None,
+                    "turns": [m["content"] for m in t.messages[2:]],
+                }
+                for t in self.trajectories
+            ],
+        }
+
+
+def evaluate_endpoint(
+    endpoint: ServingEndpoint,
+    *,
+    tasks: list[Task],
+    tools: ToolEndpoints,
+    max_turns: int = 9,
+    max_tokens: int = 256,
+    concurrency: int = 8,
+    run_id: str = "eval",
+    on_done: Callable[[Trajectory], None] = lambda _t: None,
+    serve_s: float = 0.0,
+) -> EvalRun:
+    """Run the suite against a model server that is already up (a staging deployment, say)."""
+    import time
+
+    started = time.monotonic()
+    trajectories = asyncio.run(
+        evaluate(
+            tasks,
+            base_url=endpoint.base_url,
+            model=endpoint.served_name,
+            sandbox_url=tools.sandbox_url,
+            search_url=tools.search_url,
+            max_turns=max_turns,
+            max_tokens=max_tokens,
+            concurrency=concurrency,
+            run_id=run_id,
+            on_done=on_done,
+        )
+    )
+    return EvalRun(trajectories, summarize(trajectories), serve_s, time.monotonic() - started)
+
+
+def evaluate_served(
+    backend: Backend,
+    *,
+    name: str,
+    model_uri: str,
+    tasks: list[Task],
+    tools: ToolEndpoints,
+    target: ServingTarget | None = None,
+    max_turns: int = 9,
+    max_tokens: int = 256,
+    concurrency: int = 8,
+    run_id: str = "eval",
+    on_done: Callable[[Trajectory], None] = lambda _t: None,
+) -> EvalRun:
+    """Serve the model through the backend (vLLM), run the suite against it with the tools live, and
+    remove the server again."""
+    import time
+
+    started = time.monotonic()
+    endpoint = backend.deploy(name, model_uri, target or ServingTarget(), served_name="model")
+    try:
+        return evaluate_endpoint(
+            endpoint,
+            tasks=tasks,
+            tools=tools,
+            max_turns=max_turns,
+            max_tokens=max_tokens,
+            concurrency=concurrency,
+            run_id=run_id,
+            on_done=on_done,
+            serve_s=time.monotonic() - started,
+        )
+    finally:
+        backend.remove(name)

@@ -8,7 +8,6 @@ same entrypoint, one process group that a cancel stops as a whole.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,11 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from argus import procs
-
-PROGRESS_PREFIX = "ARGUS "
+from argus.backends.base import JobEvent, parse_progress
 
 
 def pytorchjob_env(
@@ -67,12 +64,14 @@ class TrainingRun:
     def start(self) -> procs.ProcessRecord:
         env = {**os.environ, **pytorchjob_env(self.nproc_per_node), **self.extra_env}
         env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "argus" / "torch_extensions"))
+        # The log is appended to across restarts and re-runs: only what this start writes is news.
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.popen, self.record = procs.spawn(
             torchrun_command(self.module, "--config", str(self.config_path)), env=env, log_path=self.log_path
         )
         return self.record
 
-    def events(self) -> list[dict[str, Any]]:
+    def events(self) -> list[JobEvent]:
         """Progress events written since the last call."""
         try:
             with open(self.log_path, "rb") as fh:
@@ -82,17 +81,10 @@ class TrainingRun:
             return []
         complete = data.rfind(b"\n") + 1
         self._offset += complete
-        out = []
-        for line in data[:complete].decode(errors="replace").splitlines():
-            start = line.find(PROGRESS_PREFIX + "{")
-            if start >= 0:
-                try:
-                    out.append(json.loads(line[start + len(PROGRESS_PREFIX) :]))
-                except ValueError:
-                    continue
-        return out
+        events = (parse_progress(line) for line in data[:complete].decode(errors="replace").splitlines())
+        return [e for e in events if e is not None]
 
-    def wait(self, on_event: Callable[[dict[str, Any]], None] = lambda _e: None, poll_s: float = 0.5) -> int:
+    def wait(self, on_event: Callable[[JobEvent], None] = lambda _e: None, poll_s: float = 0.5) -> int:
         """Follow the run to its end, passing each progress event on; returns torchrun's exit code."""
         assert self.popen is not None
         while self.popen.poll() is None:

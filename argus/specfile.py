@@ -156,9 +156,12 @@ def parse_spec(text: str, file: str = "<string>") -> PipelineSpec:
 
 
 def load_spec(path: str | Path) -> PipelineSpec:
-    path = Path(path)
+    """A spec from a local file or an s3:// object (deployments take a spec URI)."""
+    from argus.storage import is_s3, read_uri
+
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError([SpecIssue(str(path), None, "", f"cannot read the file: {exc.strerror}")]) from exc
+        text = read_uri(path).decode() if is_s3(path) else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise SpecError([SpecIssue(str(path), None, "", f"cannot read the file: {reason}")]) from exc
     return parse_spec(text, str(path))

@@ -121,6 +121,46 @@ def _prefect_env(s: StackSettings) -> dict[str, str]:
     }
 
 
+def _worker_command(s: StackSettings) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        s.work_pool,
+        "--type",
+        "process",
+        "--name",
+        f"argus-local-{s.worker_port}",
+        "--with-healthcheck",
+    ]
+
+
+def worker_env(s: StackSettings) -> dict[str, str]:
+    """What a flow run started by the worker sees: the same environment `argus run` gives a flow."""
+    return {
+        **s.argus_env(),
+        **s.client_env(),
+        **flow_env(s),
+        "PREFECT_WORKER_WEBSERVER_HOST": s.host,
+        "PREFECT_WORKER_WEBSERVER_PORT": str(s.worker_port),
+    }
+
+
+def flow_env(s: StackSettings) -> dict[str, str]:
+    """Prefect settings for a process that runs Argus flows against this stack."""
+    return {
+        "PREFECT_API_URL": s.prefect_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # Stage results persist here: a re-run finds them and skips the finished stages.
+        "PREFECT_LOCAL_STORAGE_PATH": str(s.home / "prefect" / "results"),
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
+        "ARGUS_REPO": str(Path(__file__).resolve().parents[1]),
+    }
+
+
 COMPONENTS: tuple[Component, ...] = (
     Component(
         name="s3",
@@ -153,6 +193,18 @@ COMPONENTS: tuple[Component, ...] = (
         healthy=lambda s: procs.http_ok(f"{s.prefect_url}/health"),
         url=lambda s: s.prefect_url,
         ui_url=lambda s: s.prefect_url.removesuffix("/api"),
+        external=lambda s: s.prefect_api_url is not None,
+    ),
+    Component(
+        name="worker",
+        title="Prefect worker",
+        port_field="worker_port",
+        command=_worker_command,
+        env=worker_env,
+        healthy=lambda s: procs.http_ok(f"http://{s.host}:{s.worker_port}/health"),
+        url=lambda s: f"pool {s.work_pool}",
+        ui_url=lambda s: f"{s.prefect_url.removesuffix('/api')}/work-pools/work-pool/{s.work_pool}",
+        # With an external Prefect API the platform team runs its own workers.
         external=lambda s: s.prefect_api_url is not None,
     ),
 )
@@ -406,6 +458,12 @@ class Supervisor:
                     and not self.stopping
                 ):
                     ensure_buckets(self.settings)
+                # The worker registers with the Prefect API when it starts.
+                if comp.name == "prefect":
+                    procs.wait_until(
+                        lambda c=comp: self.stopping or c.healthy(self.settings),  # type: ignore[misc]
+                        timeout_s=self.settings.startup_timeout_s,
+                    )
             while not self.stopping:
                 self._reap_and_restart()
                 time.sleep(0.5)

@@ -140,3 +140,36 @@ def download_dir(uri: str, local: Path, settings: StackSettings | None = None) -
     if not found:
         raise FileNotFoundError(f"{uri}: no objects under this prefix")
     return local
+
+
+def fingerprint(uri: str | Path, settings: StackSettings | None = None) -> str:
+    """A content fingerprint of a file or a prefix (sha256 over names and content hashes).
+
+    Objects contribute their ETag (the MD5 of a single-part upload), so an S3 prefix is fingerprinted
+    from a listing without reading the data; local files are hashed.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    if is_s3(uri):
+        ref = S3Uri.parse(str(uri))
+        client = s3_client(settings or StackSettings())
+        found = False
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=ref.bucket, Prefix=ref.key):
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                if key != ref.key and not key.startswith(ref.key.rstrip("/") + "/"):
+                    continue  # a sibling that merely shares the prefix
+                found = True
+                digest.update(f"{key[len(ref.key) :]}\0{obj['ETag']}\0{obj['Size']}\n".encode())
+        if not found:
+            raise FileNotFoundError(f"{uri}: no objects under this prefix")
+        return digest.hexdigest()
+    path = Path(uri)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{uri}: no such file or directory")
+    for file in files:
+        rel = "" if file == path else file.relative_to(path).as_posix()
+        digest.update(f"{rel}\0{hashlib.sha256(file.read_bytes()).hexdigest()}\n".encode())
+    return digest.hexdigest()

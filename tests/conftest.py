@@ -45,6 +45,7 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         ARGUS_S3_PORT=str(free_port()),
         ARGUS_MLFLOW_PORT=str(free_port()),
         ARGUS_PREFECT_PORT=str(free_port()),
+        ARGUS_WORKER_PORT=str(free_port()),
         # Generous: a loaded CI machine must not turn a slow start into a failure.
         ARGUS_STARTUP_TIMEOUT_S="180",
         COLUMNS="200",

@@ -162,10 +162,10 @@ def test_sandbox_errors_and_timeouts_are_observations(suite: Suite, tools_env: T
     assert "ZeroDivisionError: division by zero" in crash_obs and crash_obs.startswith("Code execution result:")
     assert "TimeoutError: execution exceeded the 1 s time limit" in slow_obs
     assert traj.finish == "answer"
-    down = ToolEndpoints("http://127.0.0.1:9", tools_env.search_url)  # nothing listens on port 9
+    down = ToolEndpoints(sandbox_url="http://127.0.0.1:9", search_url=tools_env.search_url)  # nothing on port 9
     dead = run(episode(down, task, [crash, end]))
     assert "SandboxError: code executor unreachable" in dead.messages[3]["content"] and dead.finish == "answer"
-    nosearch = ToolEndpoints(tools_env.sandbox_url, "http://127.0.0.1:9")
+    nosearch = ToolEndpoints(sandbox_url=tools_env.sandbox_url, search_url="http://127.0.0.1:9")
     lost = run(
         episode(
             nosearch,

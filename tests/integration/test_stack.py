@@ -75,7 +75,7 @@ def test_stack_lifecycle(cli: Cli, stack_env: dict[str, str]) -> None:
         for url in (settings.s3_url, settings.mlflow_url, settings.prefect_url.removesuffix("/api")):
             assert url in up.stdout
         status = cli("stack", "status")
-        assert status.stdout.count("healthy") == 3 and "unhealthy" not in status.stdout
+        assert status.stdout.count("healthy") == 4 and "unhealthy" not in status.stdout
         print(f"stack up → all healthy in {startup_s:.1f}s")
         first = state(stack_env)
         seen.update({p.pid: p for p in every_process(first)})
@@ -146,13 +146,13 @@ def test_stack_lifecycle(cli: Cli, stack_env: dict[str, str]) -> None:
             }
         )
         ext_up = external("stack", "up")
-        assert "supervisor started" not in ext_up.stdout and ext_up.stdout.count("external") == 3
+        assert "supervisor started" not in ext_up.stdout and ext_up.stdout.count("external") == 4
         assert external("stack", "status").returncode == 0
         assert "the stack was not running" in external("stack", "down").stdout
     finally:
         down = cli("stack", "down", check=False)
     assert down.returncode == 0, down.stderr
-    assert "stopped: s3, mlflow, prefect, supervisor" in down.stdout
+    assert "stopped: s3, mlflow, prefect, worker, supervisor" in down.stdout
     leftovers = [p for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not leftovers, leftovers
     assert not ours_still_running(stack_env)

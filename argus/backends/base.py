@@ -1,0 +1,184 @@
+"""The `Backend`: where training jobs, tool environments and serving endpoints run.
+
+Flows describe *what* runs (a `TrainingJob`, a tool environment from the spec's `tools`, a model to
+serve) and call a backend; the backend decides *how*: local processes on this machine, or Kubeflow
+PyTorchJobs, Argus custom resources and Services on a cluster. Both speak the same models below, so a
+flow never knows which one it drives (the pattern of kubeflow/sdk's `backends/{kubernetes,localprocess}`).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from argus.config import DNS_LABEL, Resources, ServingTarget, ToolsSpec
+
+PROGRESS_PREFIX = "ARGUS "
+
+
+class JobState(StrEnum):
+    """PyTorchJob's condition types; the local backend reports the same ones."""
+
+    CREATED = "Created"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED)
+
+
+class TrainingJob(BaseModel):
+    """One distributed training job: a PyTorchJob on a cluster, a torchrun process tree locally."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=DNS_LABEL)
+    module: str = Field(description="trainer program, run as `torchrun -m MODULE --config FILE`")
+    config: dict[str, Any] = Field(description="the program's job config (SFTJobConfig, ...) as JSON")
+    nodes: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1)
+    image: str | None = None
+    node_pool: str | None = None
+    resources: Resources = Field(default_factory=Resources)
+    env: dict[str, str] = Field(default_factory=dict)
+    backoff_limit: int = Field(0, ge=0, description="restarts after a failure; the trainer resumes each time")
+    active_deadline_seconds: int | None = Field(None, ge=1)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+# A progress event a trainer prints as `ARGUS {json}`: start, step, checkpoint, resumed, exported.
+JobEvent = dict[str, Any]
+
+
+class JobResult(BaseModel):
+    name: str
+    state: JobState
+    restarts: int = 0
+    message: str = ""
+    log_tail: str = ""
+    events: list[JobEvent] = Field(default_factory=list, description="the start and last events seen")
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state is JobState.SUCCEEDED
+
+
+class ToolEndpoints(BaseModel):
+    sandbox_url: str
+    search_url: str
+
+
+class ServingEndpoint(BaseModel):
+    """One model server (a vLLM process locally, a Deployment on a cluster)."""
+
+    name: str
+    model_uri: str
+    served_name: str
+    base_url: str = Field(description="OpenAI-compatible base URL, ending in /v1")
+
+
+class StableEndpoint(BaseModel):
+    """The address clients use; it points at one deployment at a time (nginx locally, a Service whose
+    selector moves on a cluster)."""
+
+    name: str
+    url: str = Field(description="OpenAI-compatible base URL, ending in /v1")
+    active: str | None = Field(None, description="the deployment it routes to")
+    previous: str | None = None
+    switched_at: float | None = None
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+def parse_progress(line: str) -> JobEvent | None:
+    start = line.find(PROGRESS_PREFIX + "{")
+    if start < 0:
+        return None
+    try:
+        data = json.loads(line[start + len(PROGRESS_PREFIX) :])
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and "event" in data else None
+
+
+class Backend(ABC):
+    """Training jobs, tool environments and serving endpoints, on one kind of infrastructure."""
+
+    kind: str
+
+    # -- training jobs ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def submit(self, job: TrainingJob) -> None:
+        """Start the job (a job of that name that already finished is replaced)."""
+
+    @abstractmethod
+    def follow(self, name: str, on_event: Callable[[JobEvent], None]) -> JobResult:
+        """Block until the job reaches Succeeded or Failed, passing each progress event on."""
+
+    @abstractmethod
+    def cancel(self, name: str) -> None:
+        """Stop the job and everything it started."""
+
+    @abstractmethod
+    def logs(self, name: str, lines: int = 50) -> str: ...
+
+    def run(self, job: TrainingJob, on_event: Callable[[JobEvent], None] = lambda _e: None) -> JobResult:
+        """Submit and follow; an interrupted follow (a cancelled flow, Ctrl-C) cancels the job."""
+        self.submit(job)
+        try:
+            return self.follow(job.name, on_event)
+        except BaseException:
+            self.cancel(job.name)
+            raise
+
+    # -- tool environments ------------------------------------------------------------------------
+
+    @abstractmethod
+    def tools_up(self, name: str, tools: ToolsSpec, search_data_uri: str) -> ToolEndpoints:
+        """Code executor + search proxy for rollouts and evaluation; `search_data_uri` holds
+        `index.sqlite` (and the image-search cache) for the offline backend."""
+
+    @abstractmethod
+    def tools_down(self, name: str) -> None: ...
+
+    # -- serving ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def deploy(
+        self, name: str, model_uri: str, target: ServingTarget, served_name: str, *, keep: bool = False
+    ) -> ServingEndpoint:
+        """Start a vLLM server for the model and return once `/health` and `/v1/models` answer.
+        `keep`: the server outlives this backend object (serving), else `close()` stops it."""
+
+    @abstractmethod
+    def remove(self, name: str) -> None: ...
+
+    @abstractmethod
+    def deployments(self) -> list[ServingEndpoint]:
+        """Kept serving deployments that exist now."""
+
+    @abstractmethod
+    def switch(self, endpoint: str, to: ServingEndpoint) -> StableEndpoint:
+        """Route the stable endpoint to `to` without dropping a request; returns once new requests reach
+        `to` and every request in flight on the old route has finished (the old deployment may go)."""
+
+    @abstractmethod
+    def endpoint(self, name: str) -> StableEndpoint | None: ...
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop whatever this backend object started and still runs (jobs, tools, servers)."""

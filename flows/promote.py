@@ -1,0 +1,278 @@
+"""`promote` and `rollback`: registered versions move through staging to production on vLLM.
+
+- staging: the version is deployed (vLLM through the backend), health-checked and smoke-tested, the
+  spec's eval suite runs through it, and the metrics are recorded on the model version (a model whose
+  exact bytes were already evaluated on that suite reuses the recorded evaluation).
+- production: only if the version's staging metrics pass the spec's gate against production's; then
+  blue-green: the new deployment starts beside the old one, is health-checked and smoke-tested, the
+  stable endpoint switches to it (in-flight requests finish on the old one), and only then do the
+  aliases move (`production`, `previous-production`) and the old deployment stop. Any failure before
+  the switch leaves production and its aliases as they were.
+- rollback: the same switch back to `previous-production`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Literal
+
+import httpx
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from argus import registry
+from argus.backends.base import Backend, ServingEndpoint
+from argus.config import PipelineSpec, PromotionGate, ServingTarget, StackSettings
+from argus.registry import ALIAS_PREVIOUS, ALIAS_PRODUCTION, ALIAS_STAGING, TAG_DATA_ROOT, TAG_SPEC_URI
+from argus.specfile import SpecError, load_spec
+from argus.storage import fingerprint
+from flows.evaluate import evaluate
+from flows.results import PromotionResult
+from flows.runtime import backend, flow_run_links, stack_settings
+
+METRICS = ("accuracy", "format_rate", "tool_call_rate")
+
+
+class PromotionError(RuntimeError):
+    """The promotion stopped; production is as it was."""
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:40]
+
+
+def endpoint_name(model: str) -> str:
+    """The stable endpoint of a registered model."""
+    return _slug(model)
+
+
+def _spec_for(settings: StackSettings, mv: Any, spec_uri: str | None) -> PipelineSpec:
+    uri = spec_uri or mv.tags.get(TAG_SPEC_URI)
+    if not uri:
+        raise PromotionError(f"version {mv.version} of {mv.name} names no spec ({TAG_SPEC_URI}); pass spec_uri")
+    try:
+        return load_spec(uri)
+    except SpecError as exc:
+        raise PromotionError("invalid spec:\n" + "\n".join(map(str, exc.issues))) from None
+
+
+def _staging_metrics(mv: Any) -> dict[str, float]:
+    return {
+        k.removeprefix("argus.staging."): float(v) for k, v in mv.tags.items() if k.startswith("argus.staging.overall.")
+    }
+
+
+@task(name="smoke-test", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def smoke_test(endpoint: ServingEndpoint) -> str:
+    """One OpenAI chat completion through the server, as a client would send it."""
+    response = httpx.post(
+        f"{endpoint.base_url}/chat/completions",
+        json={
+            "model": endpoint.served_name,
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 8,
+            "temperature": 0,
+        },
+        timeout=60,
+    )
+    if response.status_code != 200:
+        raise PromotionError(f"smoke test of {endpoint.name}: HTTP {response.status_code}: {response.text[:300]}")
+    body = response.json()
+    if not body.get("choices"):
+        raise PromotionError(f"smoke test of {endpoint.name}: no choices in {body}")
+    return str(body["choices"][0]["message"]["content"])
+
+
+def deployment_name(model: str, model_uri: str, settings: StackSettings) -> str:
+    """One deployment per model content: the pipeline's evaluation, staging and production of the same
+    weights share one server (a new version of identical weights too)."""
+    return f"{_slug(model)}-{fingerprint(model_uri, settings)[:10]}"
+
+
+@task(name="deploy", cache_policy=NO_CACHE)
+def deploy(runner: Backend, name: str, model_uri: str, target: ServingTarget, served_name: str) -> ServingEndpoint:
+    """The running deployment of that name if it serves `model_uri` and answers, else a new one."""
+    for existing in runner.deployments():
+        if existing.name == name and existing.model_uri == model_uri:
+            try:
+                if httpx.get(f"{existing.base_url}/models", timeout=5).status_code == 200:
+                    return existing
+            except httpx.HTTPError:
+                pass
+    runner.remove(name)  # a broken deployment of that name from an earlier attempt is replaced
+    try:
+        return runner.deploy(name, model_uri, target, served_name, keep=True)
+    except Exception as exc:
+        runner.remove(name)
+        raise PromotionError(f"deployment {name} of {model_uri} did not become healthy: {exc}") from exc
+
+
+def _gate(gate: PromotionGate, staging: dict[str, float], production: dict[str, float] | None) -> list[str]:
+    """Reasons the gate refuses the version (empty: it passes)."""
+    reasons = []
+    key = f"overall.{gate.metric}"
+    if key not in staging:
+        return [f"no staging {gate.metric} recorded"]
+    if production and key in production and staging[key] < production[key] - gate.tolerance:
+        reasons.append(
+            f"{gate.metric} {staging[key]:.3f} < production's {production[key]:.3f} - tolerance {gate.tolerance}"
+        )
+    if staging.get("overall.accuracy", 0.0) < gate.min_accuracy:
+        reasons.append(f"accuracy {staging.get('overall.accuracy', 0.0):.3f} < min_accuracy {gate.min_accuracy}")
+    if staging.get("overall.format_rate", 0.0) < gate.min_format_rate:
+        reasons.append(
+            f"format rate {staging.get('overall.format_rate', 0.0):.3f} < min_format_rate {gate.min_format_rate}"
+        )
+    return reasons
+
+
+def _to_staging(
+    settings: StackSettings, runner: Backend, spec: PipelineSpec, mv: Any, spec_uri: str | None
+) -> PromotionResult:
+    log = get_run_logger()
+    name = mv.name
+    dep_name = deployment_name(name, mv.source, settings)
+    endpoint = deploy(runner, dep_name, mv.source, spec.serving.staging, name)
+    smoke_test(endpoint)
+    stable = runner.endpoint(endpoint_name(name))
+    old = registry.version_by_alias(settings, name, ALIAS_STAGING)
+    if old is not None and old.version != mv.version and old.source != mv.source:
+        old_dep = deployment_name(name, old.source, settings)
+        if stable is None or stable.active != old_dep:  # never stop what production serves
+            runner.remove(old_dep)
+    data_root = mv.tags.get(TAG_DATA_ROOT)
+    if not data_root:
+        raise PromotionError(f"version {mv.version} names no eval data ({TAG_DATA_ROOT})")
+    report = evaluate(
+        mv.source,
+        data_root,
+        label=f"staging-v{mv.version}",
+        suite=spec.eval.suites[0],
+        tools_spec=spec.tools,
+        backend_kind=spec.backend,
+        experiment=spec.name,
+        endpoint=endpoint,
+    )
+    metrics = {f"overall.{m}": report.value(m) for m in METRICS}
+    registry.set_tags(
+        settings,
+        name,
+        mv.version,
+        {
+            **{f"argus.staging.{k}": f"{v:.4f}" for k, v in metrics.items()},
+            "argus.staging.eval_run_id": report.mlflow_run_id,
+            "argus.staging.deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "argus.staging.deployment": f"{spec.backend}:{dep_name} {endpoint.base_url}",
+            **{f"argus.staging.{k.rsplit('.', 1)[-1]}": v for k, v in flow_run_links(settings).items()},
+        },
+    )
+    registry.set_alias(settings, name, ALIAS_STAGING, mv.version)
+    log.info("%s v%s on staging (%s): %s", name, mv.version, endpoint.base_url, metrics)
+    return PromotionResult(
+        name=name,
+        version=mv.version,
+        to="staging",
+        deployment=dep_name,
+        endpoint_url=endpoint.base_url,
+        metrics=metrics,
+    )
+
+
+def _switch_production(
+    settings: StackSettings, runner: Backend, spec: PipelineSpec, mv: Any, *, why: str
+) -> PromotionResult:
+    """Blue-green to `mv`; aliases move only after the stable endpoint serves it."""
+    log = get_run_logger()
+    name = mv.name
+    current = registry.version_by_alias(settings, name, ALIAS_PRODUCTION)
+    stable_name = endpoint_name(name)
+    stable_before = runner.endpoint(stable_name)
+    new_name = deployment_name(name, mv.source, settings)
+    if stable_before is not None and stable_before.active == new_name:
+        raise PromotionError(f"{name} v{mv.version} is already the production deployment")
+    endpoint = deploy(runner, new_name, mv.source, spec.serving.production, name)
+    try:
+        smoke_test(endpoint)
+    except Exception:
+        runner.remove(new_name)
+        raise
+    started = time.monotonic()
+    stable = runner.switch(stable_name, endpoint)
+    switch_s = time.monotonic() - started
+    if stable.previous and stable.previous != new_name:
+        runner.remove(stable.previous)  # drained: the switch returned after its last request finished
+    if current is not None and current.version != mv.version:
+        registry.set_alias(settings, name, ALIAS_PREVIOUS, current.version)
+    registry.set_alias(settings, name, ALIAS_PRODUCTION, mv.version)
+    registry.set_tags(
+        settings,
+        name,
+        mv.version,
+        {
+            "argus.production.deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "argus.production.deployment": f"{spec.backend}:{new_name}",
+            "argus.production.endpoint": stable.url,
+            "argus.production.reason": why,
+            **{f"argus.production.{k.rsplit('.', 1)[-1]}": v for k, v in flow_run_links(settings).items()},
+        },
+    )
+    create_markdown_artifact(
+        f"**{name} v{mv.version}** serves production at `{stable.url}` ({why}); previous: "
+        f"{'v' + current.version if current else 'none'}; switch {switch_s:.1f}s",
+        key=f"production-{stable_name}",
+    )
+    log.info("%s v%s serves production at %s (switch %.1fs)", name, mv.version, stable.url, switch_s)
+    return PromotionResult(
+        name=name,
+        version=mv.version,
+        to="production",
+        deployment=new_name,
+        endpoint_url=stable.url,
+        metrics=_staging_metrics(mv),
+        previous_version=current.version if current else None,
+        switch_s=switch_s,
+    )
+
+
+@flow(name="promote", flow_run_name="promote-{name}-v{version}-{to}")
+def promote(
+    name: str, version: str, to: Literal["staging", "production"], spec_uri: str | None = None
+) -> PromotionResult:
+    """Move version `version` of registered model `name` to staging or production (gated)."""
+    settings = stack_settings()
+    mv = registry.get_version(settings, name, version)
+    spec = _spec_for(settings, mv, spec_uri)
+    runner = backend(spec.backend, settings)
+    try:
+        if to == "staging":
+            return _to_staging(settings, runner, spec, mv, spec_uri)
+        if not _staging_metrics(mv):
+            _to_staging(settings, runner, spec, mv, spec_uri)
+            mv = registry.get_version(settings, name, version)
+        current = registry.version_by_alias(settings, name, ALIAS_PRODUCTION)
+        reasons = _gate(spec.eval.gate, _staging_metrics(mv), _staging_metrics(current) if current else None)
+        if reasons:
+            report = f"{name} v{version} was not promoted to production: " + "; ".join(reasons)
+            registry.set_tags(settings, name, version, {"argus.production.rejected": "; ".join(reasons)})
+            create_markdown_artifact(report, key=f"gate-{_slug(name)}")
+            raise PromotionError(report)
+        return _switch_production(settings, runner, spec, mv, why="promoted")
+    finally:
+        runner.close()
+
+
+@flow(name="rollback", flow_run_name="rollback-{name}")
+def rollback(name: str, spec_uri: str | None = None) -> PromotionResult:
+    """Serve `previous-production` again, by the same blue-green switch."""
+    settings = stack_settings()
+    previous = registry.version_by_alias(settings, name, ALIAS_PREVIOUS)
+    if previous is None:
+        raise PromotionError(f"{name} has no {ALIAS_PREVIOUS} version to roll back to")
+    spec = _spec_for(settings, previous, spec_uri)
+    runner = backend(spec.backend, settings)
+    try:
+        return _switch_production(settings, runner, spec, previous, why="rollback")
+    finally:
+        runner.close()

@@ -1,0 +1,100 @@
+"""What the pipeline's stages return (persisted by Prefect, so a re-run can skip a finished stage)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+def cache_key(stage: str, *parts: Any) -> str:
+    """A stable key for a stage's inputs: the stage name plus a hash of everything it depends on."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return f"argus-{stage}-{hashlib.sha256(blob).hexdigest()[:24]}"
+
+
+class DataRef(BaseModel):
+    root: str | None = Field(None, description="generated data root (object store)")
+    sft: str
+    eval: str
+    rl: str | None = None
+    search: str = Field(description="prefix holding index.sqlite for the offline search backend")
+    hashes: dict[str, str] = Field(description="content hashes of the inputs, recorded as lineage")
+    generated: bool = False
+    work_s: float = 0.0
+
+
+class SFTResult(BaseModel):
+    job_name: str
+    mlflow_run_id: str | None
+    model_uri: str
+    checkpoint_uri: str
+    steps: int | None = None
+    final_loss: float | None = None
+    restarts: int = 0
+    resumed_from: str | None = None
+    work_s: float = 0.0
+
+
+class EvalReport(BaseModel):
+    label: str
+    model_uri: str
+    model_fingerprint: str
+    suite: str
+    metrics: dict[str, dict[str, Any]] = Field(description="per family and `overall`")
+    mlflow_run_id: str
+    mlflow_run_url: str
+    serve_s: float
+    eval_s: float
+    cached: bool = Field(False, description="these numbers were recorded by an earlier run")
+
+    def value(self, metric: str, family: str = "overall") -> float:
+        return float(self.metrics[family][metric])
+
+
+class RegisteredVersion(BaseModel):
+    name: str
+    version: str
+    source: str
+    aliases: list[str]
+    url: str
+
+
+class PromotionResult(BaseModel):
+    name: str
+    version: str
+    to: str
+    deployment: str
+    endpoint_url: str
+    metrics: dict[str, float]
+    previous_version: str | None = None
+    switch_s: float | None = None
+
+
+class StageTiming(BaseModel):
+    stage: str
+    wall_s: float
+    work_s: float = Field(0.0, description="time inside the stage's program: data generation, training, serving+eval")
+    cached: bool = False
+
+
+class PipelineResult(BaseModel):
+    spec: str
+    run_name: str
+    flow_run_id: str
+    flow_run_url: str
+    mlflow_run_url: str
+    data: DataRef
+    sft: SFTResult
+    base_eval: EvalReport
+    sft_eval: EvalReport
+    registered: RegisteredVersion
+    serving: PromotionResult | None = None
+    stages: list[StageTiming]
+    wall_s: float
+
+    @property
+    def overhead_s(self) -> float:
+        return max(0.0, self.wall_s - sum(s.work_s for s in self.stages if not s.cached))

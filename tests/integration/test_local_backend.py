@@ -1,0 +1,65 @@
+"""The local backend runs a training job the way the training operator runs a PyTorchJob pod."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from argus.backends.base import JobState, TrainingJob, parse_progress
+from argus.backends.local import LocalBackend
+from argus.config import StackSettings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> LocalBackend:
+    return LocalBackend(StackSettings(home=tmp_path / "home"))
+
+
+def job(name: str, **config: object) -> TrainingJob:
+    return TrainingJob(name=name, module="tests.programs.env_probe", config=dict(config), nproc_per_node=2)
+
+
+def test_job_gets_the_pytorchjob_env_and_succeeds(backend: LocalBackend) -> None:
+    events: list[dict[str, object]] = []
+    result = backend.run(job("probe"), events.append)
+    assert result.state is JobState.SUCCEEDED and result.restarts == 0
+    env = next(e for e in events if e["event"] == "start")["env"]
+    assert isinstance(env, dict)
+    assert env["WORLD_SIZE"] == "2" and env["PET_NPROC_PER_NODE"] == "2" and env["RANK"] == "0"
+    assert env["MASTER_ADDR"] == "127.0.0.1" and env["LOCAL_RANK"] == "0"
+    assert (backend.job_dir("probe") / "job.json").exists()
+    assert "exported" in backend.logs("probe")
+
+
+def test_failed_job_restarts_up_to_its_backoff_limit(backend: LocalBackend, tmp_path: Path) -> None:
+    flaky = job("flaky", marker=str(tmp_path / "marker")).model_copy(update={"backoff_limit": 1})
+    events: list[dict[str, object]] = []
+    result = backend.run(flaky, events.append)
+    assert result.state is JobState.SUCCEEDED and result.restarts == 1
+    assert [e["event"] for e in events if e["event"] == "restarting"] == ["restarting"]
+
+    failing = job("failing", exit_code=5)
+    result = backend.run(failing)
+    assert result.state is JobState.FAILED and "exited with" in result.message
+    assert result.log_tail  # the end of the log comes with a failure
+
+
+def test_deadline_stops_the_job(backend: LocalBackend) -> None:
+    slow = job("slow", sleep_s=60).model_copy(update={"active_deadline_seconds": 3})
+    result = backend.run(slow)
+    assert result.state is JobState.FAILED and result.message.startswith("DeadlineExceeded")
+
+
+def test_progress_lines_parse() -> None:
+    assert parse_progress('rank0: ARGUS {"event": "step", "step": 3}') == {"event": "step", "step": 3}
+    assert parse_progress("ARGUS {not json") is None
+    assert parse_progress('ARGUS {"no_event": 1}') is None
+    assert parse_progress("plain log line") is None
+
+
+def test_job_names_are_dns_labels() -> None:
+    with pytest.raises(ValueError):
+        TrainingJob(name="Bad_Name", module="m", config={})

@@ -46,6 +46,7 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         ARGUS_MLFLOW_PORT=str(free_port()),
         ARGUS_PREFECT_PORT=str(free_port()),
         ARGUS_WORKER_PORT=str(free_port()),
+        ARGUS_SERVING_PORT=str(free_port()),
         # Generous: a loaded CI machine must not turn a slow start into a failure.
         ARGUS_STARTUP_TIMEOUT_S="180",
         COLUMNS="200",

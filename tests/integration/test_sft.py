@@ -34,6 +34,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackSettings]:
         ARGUS_S3_PORT=str(free_port()),
         ARGUS_MLFLOW_PORT=str(free_port()),
         ARGUS_PREFECT_PORT=str(free_port()),
+        ARGUS_WORKER_PORT=str(free_port()),
         ARGUS_STARTUP_TIMEOUT_S="180",
     )
     cli = Cli(env)

@@ -517,15 +517,11 @@ def train_sft(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from argus.backends.local import LocalBackend
+    from argus.cli_pipeline import spec_or_exit
     from argus.jobs import base_model_uri, sft_job
     from argus.stack import StackError, up
 
-    try:
-        spec = load_spec(config)
-    except SpecError as exc:
-        for issue in exc.issues:
-            err_console.print(f"[red]error:[/] {issue}", highlight=False)
-        raise typer.Exit(1) from None
+    spec = spec_or_exit(config)
     settings = _settings(home)
     dataset = data or spec.data.sft
     if dataset is None:

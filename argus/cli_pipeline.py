@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from argus.config import DNS_LABEL, StackSettings
+from argus.config import DNS_LABEL, PipelineSpec, StackSettings
 from argus.specfile import SpecError, load_spec
 
 if TYPE_CHECKING:
@@ -34,6 +34,16 @@ serving_app = typer.Typer(help="Model serving: stable endpoints and vLLM deploym
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 COLOURS = {"COMPLETED": "green", "RUNNING": "yellow", "FAILED": "red", "CRASHED": "red", "CANCELLED": "red"}
+
+
+def spec_or_exit(path: str | Path) -> PipelineSpec:
+    """The spec at `path`, or every problem as `file:line: field: message` and exit 1."""
+    try:
+        return load_spec(path)
+    except SpecError as exc:
+        for issue in exc.issues:
+            err_console.print(f"[red]error:[/] {issue}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 def _settings(home: Path | None) -> StackSettings:
@@ -222,12 +232,7 @@ def run_command(
     home: Annotated[Path | None, typer.Option("--home", help="Argus state directory", show_default=False)] = None,
 ) -> None:
     """Run a pipeline spec: data, tool environment, SFT, evaluation, registry; resumes a crashed run."""
-    try:
-        spec = load_spec(spec_file)
-    except SpecError as exc:
-        for issue in exc.issues:
-            err_console.print(f"[red]error:[/] {issue}", highlight=False)
-        raise typer.Exit(1) from None
+    spec = spec_or_exit(spec_file)
     run = run_name or spec.name
     if not re.match(DNS_LABEL, run):
         err_console.print(f"[red]error:[/] --run-name {run!r} must be a DNS label (lowercase letters, digits, '-')")

@@ -70,6 +70,10 @@ class LocalVLLM:
             str(self.max_model_len),
             "--gpu-memory-utilization",
             str(self.memory_fraction),
+            # One model replica on one device: run its worker inside the engine process instead of a
+            # third Python process (measured: ready in 40 s instead of 54 s on 2 cores).
+            "--distributed-executor-backend",
+            "uni",
             *self.extra_args,
         ]
         env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}

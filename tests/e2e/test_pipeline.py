@@ -146,7 +146,7 @@ def test_quickstart_crash_resume_and_register(cli: Cli, stack_env: dict[str, str
         second = cli("run", str(spec), "--run-name", "e2e", timeout=1200)
         out = second.stdout
         print(out)
-        assert "prepare-data" in out and "skipped (finished earlier)" in out
+        assert "prepare-data" in out and "skipped (took" in out
         assert '"event": "resumed"' in train_log.read_text()
 
         settings = StackSettings(home=Path(home))

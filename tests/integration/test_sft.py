@@ -224,53 +224,24 @@ def test_bad_dataset_row_names_the_file_and_row(assets: dict[str, str], stack: S
     assert f"{bad}: row 3: message 2 has role 'robot'" in log
 
 
-def test_train_sft_cli_on_the_quickstart_spec(stack: StackSettings, assets: dict[str, str], tmp_path: Path) -> None:
-    """`argus train sft --config` with the spec's own defaults (tiny model built on demand)."""
-    spec = (REPO / "examples" / "quickstart.yaml").read_text().replace("  epochs: 8", "  max_steps: 2\n  epochs: 8")
-    (tmp_path / "spec.yaml").write_text(spec)
-    env = {
-        **os.environ,
-        "ARGUS_HOME": str(stack.home),
-        "ARGUS_S3_PORT": str(stack.s3_port),
-        "ARGUS_MLFLOW_PORT": str(stack.mlflow_port),
-        "ARGUS_PREFECT_PORT": str(stack.prefect_port),
-        "COLUMNS": "200",
-    }
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "argus.cli",
-            "train",
-            "sft",
-            "--config",
-            str(tmp_path / "spec.yaml"),
-            "--data",
-            assets["data"],
-            "--run-name",
-            "cli-run",
-        ],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["export"] == f"s3://{stack.bucket_models}/quickstart/cli-run"
+def test_train_sft_cli_needs_data_for_a_generating_spec(stack: StackSettings, tmp_path: Path) -> None:
+    """`argus train sft --config` on a spec that generates its data says what to do instead. (The
+    successful path, the same job builder on the quickstart spec, runs in the pipeline end-to-end test.)"""
+    env = {**os.environ, "ARGUS_HOME": str(stack.home), "COLUMNS": "200"}
     missing = subprocess.run(
-        [sys.executable, "-m", "argus.cli", "train", "sft", "--config", str(tmp_path / "spec.yaml")],
+        [sys.executable, "-m", "argus.cli", "train", "sft", "--config", str(REPO / "examples" / "quickstart.yaml")],
         env=env,
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert missing.returncode == 2 and "argus data generate" in missing.stderr
+    assert missing.returncode == 2 and "argus data generate" in missing.stderr and "argus run" in missing.stderr
 
 
-@pytest.mark.parametrize("offload", [False, True], ids=["zero3", "zero3-cpu-offload"])
+# ZeRO-3 with the optimizer offloaded to the CPU (DeepSpeedCPUAdam) covers ZeRO-3's partitioned
+# parameters and gathers too; the plain stage-3 variant is left to the benchmarks to keep CI short.
+@pytest.mark.parametrize("offload", [True], ids=["zero3-cpu-offload"])
 def test_zero3_text_model_trains_checkpoints_and_exports(
     offload: bool, assets: dict[str, str], stack: StackSettings, tmp_path: Path
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 
     from flows.results import PipelineResult
 
-console = Console()
+# Piped output (CI logs, `| tee`) gets tables wide enough to read instead of rich's 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=140)
 err_console = Console(stderr=True)
 runs_app = typer.Typer(help="Pipeline runs recorded by Prefect.", no_args_is_help=True)
 serving_app = typer.Typer(help="Model serving: stable endpoints and vLLM deployments.", no_args_is_help=True)

@@ -421,6 +421,10 @@ def pipeline(spec_uri: str, run_name: str | None = None) -> PipelineResult:
                     "promote-production",
                     lambda: (promote(registered.name, registered.version, "production", spec_uri), 0.0, False),
                 )
+        if serving is not None:  # the aliases moved since registration
+            registered = registered.model_copy(
+                update={"aliases": registry.aliases(settings, registered.name, registered.version)}
+            )
         final = {
             f"{label}.{family}.{metric}": report.value(metric, family)
             for label, report in reports.items()

@@ -283,7 +283,7 @@ def _cached(state: Any) -> bool:
     return bool(state.name == "Cached")
 
 
-@flow(name="pipeline", flow_run_name=_flow_run_name)
+@flow(name="pipeline", flow_run_name=_flow_run_name, persist_result=True)
 def pipeline(spec_uri: str, run_name: str | None = None) -> PipelineResult:
     """Run the pipeline spec at `spec_uri` (a file or an s3:// object) as run `run_name` (default: the
     spec's name). The same spec and run name resume: finished stages are skipped."""

@@ -35,8 +35,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 def _quickstart(tmp_path: Path, **sft: object) -> Path:
     spec = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     spec["sft"].update(sft)
-    # The first 30 of the 60 eval tasks keep the test shorter; training is exactly the quickstart's.
-    spec["eval"]["suites"][0]["limit"] = 30
+    # The first 10 of the 60 eval tasks keep the test shorter; training is exactly the quickstart's.
+    spec["eval"]["suites"][0]["limit"] = 10
     path = tmp_path / "quickstart.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

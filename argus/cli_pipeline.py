@@ -157,7 +157,7 @@ class StageView:
                 live.update(self.table())
             except Exception:  # noqa: BLE001 - a missed refresh is not worth stopping the run for
                 pass
-            self.stop.wait(1.0)
+            self.stop.wait(3.0)  # each poll is three API calls; the Prefect server shares the cores
 
 
 def print_result(result: PipelineResult) -> None:

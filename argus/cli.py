@@ -517,9 +517,8 @@ def train_sft(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from argus.backends.local import LocalBackend
-    from argus.cli_pipeline import spec_or_exit
+    from argus.cli_pipeline import spec_or_exit, start_stack
     from argus.jobs import base_model_uri, sft_job
-    from argus.stack import StackError, up
 
     spec = spec_or_exit(config)
     settings = _settings(home)
@@ -532,12 +531,7 @@ def train_sft(
         )
         raise typer.Exit(2)
     name = run_name or f"{spec.name}-sft"
-    try:
-        with console.status("platform stack…"):
-            up(settings)
-    except StackError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    settings = start_stack(settings)
     if model is None:
         with console.status("base model…"):
             model = base_model_uri(spec, settings)

@@ -60,7 +60,7 @@ def _prepare_env(settings: StackSettings) -> None:
     os.environ.update({**settings.argus_env(), **settings.client_env(), **flow_env(settings)})
 
 
-def _start_stack(settings: StackSettings) -> StackSettings:
+def start_stack(settings: StackSettings) -> StackSettings:
     from argus.stack import StackError, effective_settings, up
 
     try:
@@ -248,7 +248,7 @@ def run_command(
         raise typer.Exit(2)
     started = time.monotonic()
     settings = _settings(home)
-    settings = _start_stack(settings)
+    settings = start_stack(settings)
     stack_s = time.monotonic() - started
     _prepare_env(settings)
 
@@ -398,7 +398,7 @@ def deploy_command(
 ) -> None:
     """Register the pipeline and its sub-flows as Prefect deployments (process pool for this machine,
     Kubernetes pool for clusters) from prefect.yaml; trigger them from the Prefect UI or API."""
-    settings = _start_stack(_settings(home))
+    settings = start_stack(_settings(home))
     _prepare_env(settings)
     from argus.deployments import ensure_work_pools
 
@@ -450,7 +450,7 @@ def promote_command(
     if to not in ("staging", "production"):
         err_console.print(f"[red]error:[/] --to must be staging or production, not {to!r}")
         raise typer.Exit(2)
-    settings = _start_stack(_settings(home))
+    settings = start_stack(_settings(home))
     _prepare_env(settings)
     from flows.promote import promote
 
@@ -469,7 +469,7 @@ def rollback_command(
     home: Annotated[Path | None, typer.Option("--home", show_default=False)] = None,
 ) -> None:
     """Serve the previous production version again (blue-green, no dropped requests)."""
-    settings = _start_stack(_settings(home))
+    settings = start_stack(_settings(home))
     _prepare_env(settings)
     from flows.promote import rollback
 

@@ -7,6 +7,7 @@ the Prefect API: what a user sees here is what the Prefect UI shows.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -26,7 +27,7 @@ from argus.specfile import SpecError, load_spec
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import State
 
-    from flows.results import PipelineResult
+    from flows.results import PipelineResult, PromotionResult
 
 # Piped output (CI logs, `| tee`) gets tables wide enough to read instead of rich's 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=140)
@@ -58,6 +59,29 @@ def _prepare_env(settings: StackSettings) -> None:
 
     settings = effective_settings(settings)
     os.environ.update({**settings.argus_env(), **settings.client_env(), **flow_env(settings)})
+    _quiet_expected_tracebacks()
+
+
+class _ExpectedFailures(logging.Filter):
+    """Drops the traceback of an expected flow failure from the console (the message stays, and the run's
+    logs in Prefect, written by an earlier handler, keep the traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from flows.runtime import FlowError
+
+        if record.exc_info and isinstance(record.exc_info[1], FlowError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_expected_tracebacks() -> None:
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _ExpectedFailures) for f in handler.filters):
+            handler.addFilter(_ExpectedFailures())
 
 
 def start_stack(settings: StackSettings) -> StackSettings:
@@ -456,9 +480,16 @@ def promote_command(
 
     target: Literal["staging", "production"] = "staging" if to == "staging" else "production"
     result = _run_serving_flow(lambda: promote(model, version, target, spec_file))
+    _print_promotion(model, result)
+
+
+def _print_promotion(model: str, result: PromotionResult) -> None:
+    detail = [f"switch {result.switch_s:.1f}s"] if result.switch_s is not None else []
+    if result.previous_version:
+        detail.append(f"previous v{result.previous_version}")
     console.print(
         f"{model} v{result.version} → {result.to}: {result.endpoint_url}"
-        + (f" (previous v{result.previous_version}, switch {result.switch_s:.1f}s)" if result.switch_s else ""),
+        + (f" ({', '.join(detail)})" if detail else ""),
         highlight=False,
     )
 
@@ -474,7 +505,7 @@ def rollback_command(
     from flows.promote import rollback
 
     result = _run_serving_flow(lambda: rollback(model, spec_file))
-    console.print(f"{model} v{result.version} serves production again at {result.endpoint_url}", highlight=False)
+    _print_promotion(model, result)
 
 
 @serving_app.command("status")
@@ -495,11 +526,12 @@ def serving_status(home: Annotated[Path | None, typer.Option("--home", show_defa
     rows = 0
     for dep in backend.deployments():
         stable = active.get(dep.name)
-        version = dep.name.rsplit("-v", 1)[-1]
         try:
-            aliases = ", ".join(registry.aliases(settings, dep.served_name, version))
+            served = registry.versions_with_source(settings, dep.served_name, dep.model_uri)
+            version = ", ".join(f"v{mv.version}" for mv in served) or "-"
+            aliases = ", ".join(sorted({a for mv in served for a in mv.aliases})) or "-"
         except Exception:  # noqa: BLE001 - the registry may be down; serving status still helps
-            aliases = "?"
+            version = aliases = "?"
         url = stable.url if stable else dep.base_url
         try:
             healthy = httpx.get(f"{url}/models", timeout=3).status_code == 200

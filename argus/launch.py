@@ -67,7 +67,10 @@ class TrainingRun:
         # The log is appended to across restarts and re-runs: only what this start writes is news.
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.popen, self.record = procs.spawn(
-            torchrun_command(self.module, "--config", str(self.config_path)), env=env, log_path=self.log_path
+            torchrun_command(self.module, "--config", str(self.config_path)),
+            env=env,
+            log_path=self.log_path,
+            owned=True,
         )
         return self.record
 

@@ -62,8 +62,17 @@ def spawn(
     env: Mapping[str, str] | None = None,
     log_path: Path | None = None,
     cwd: Path | None = None,
+    owned: bool = False,
 ) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
-    """Start `cmd` detached in a new session, stdout+stderr appended to `log_path`."""
+    """Start `cmd` detached in a new session, stdout+stderr appended to `log_path`.
+
+    `owned`: the process is part of this process's work and is stopped when this process dies, even by
+    SIGKILL (see `argus.lifeline`); without it, it outlives this process (the stack, kept deployments).
+    """
+    if owned:
+        from argus import lifeline
+
+        env = {**(env if env is not None else os.environ), **lifeline.owner_env()}
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed below

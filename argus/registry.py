@@ -35,6 +35,12 @@ def find_version(settings: StackSettings, name: str, key: str) -> Any | None:
     return None
 
 
+def versions_with_source(settings: StackSettings, name: str, source: str) -> list[Any]:
+    """Every version of `name` whose weights are at `source`, oldest first (one deployment serves them all)."""
+    found = [mv for mv in _client(settings).search_model_versions(f"name = '{name}'") if mv.source == source]
+    return sorted(found, key=lambda mv: int(mv.version))
+
+
 def register_version(
     settings: StackSettings,
     *,

@@ -67,6 +67,7 @@ class LocalToolEnvironment:
                 [sys.executable, "-m", "argus.cli", name, "serve", "--log-level", "warning"],
                 env=env,
                 log_path=self.workdir / f"{name}.log",
+                owned=True,
             )
             self._records.append(record)
         try:

@@ -30,15 +30,15 @@ from flows.evaluate import evaluate
 from flows.promote import deploy, deployment_name, promote
 from flows.register import register
 from flows.results import DataRef, EvalReport, PipelineResult, SFTResult, StageTiming, cache_key
-from flows.runtime import artifact_key, backend, flow_run_links, mlflow_client, stack_settings, transient
+from flows.runtime import FlowError, artifact_key, backend, flow_run_links, mlflow_client, stack_settings, transient
 
 TAG_PIPELINE_RUN = "argus.pipeline.run"
 TAG_PIPELINE_ROOT = "argus.pipeline.root"  # marks the pipeline's own MLflow run among its stages' runs
 T = TypeVar("T")
 
 
-class PipelineError(RuntimeError):
-    pass
+class PipelineError(FlowError):
+    """A stage failed in a way its message explains."""
 
 
 @task(name="load-spec", cache_policy=NO_CACHE)

@@ -30,12 +30,12 @@ from argus.specfile import SpecError, load_spec
 from argus.storage import fingerprint
 from flows.evaluate import evaluate
 from flows.results import PromotionResult
-from flows.runtime import backend, flow_run_links, stack_settings
+from flows.runtime import FlowError, backend, flow_run_links, stack_settings
 
 METRICS = ("accuracy", "format_rate", "tool_call_rate")
 
 
-class PromotionError(RuntimeError):
+class PromotionError(FlowError):
     """The promotion stopped; production is as it was."""
 
 

@@ -9,6 +9,11 @@ from argus.backends import Backend, get_backend
 from argus.config import StackSettings
 
 
+class FlowError(RuntimeError):
+    """An expected failure (a failed job, a refused gate, a bad spec): its message says all the user
+    needs, so the CLI prints it without a traceback; Prefect's run logs keep the traceback."""
+
+
 def stack_settings() -> StackSettings:
     """The platform endpoints from the environment (`argus run` and the stack's worker set them)."""
     return StackSettings()

@@ -227,6 +227,7 @@ class LocalBackend(Backend):
             log_path=workdir / "vllm.log",
             max_model_len=target.max_model_len or 4096,
             extra_args=list(target.extra_args),
+            owned=not keep,
         )
         base_url = server.start()
         endpoint = ServingEndpoint(name=name, model_uri=model_uri, served_name=served_name, base_url=base_url)

@@ -63,3 +63,45 @@ def test_progress_lines_parse() -> None:
 def test_job_names_are_dns_labels() -> None:
     with pytest.raises(ValueError):
         TrainingJob(name="Bad_Name", module="m", config={})
+
+
+def test_sigkilled_owner_leaves_no_job_behind(tmp_path: Path) -> None:
+    """`kill -9` of the process running a flow: its training job (a torchrun tree in sessions of its
+    own) is stopped by the owner's watcher; a process started as not owned (a kept deployment) lives."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from argus import lifeline, procs
+    from tests.conftest import REPO
+
+    owner = subprocess.Popen(
+        [sys.executable, "-m", "tests.programs.owner", str(tmp_path / "home")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != lifeline.OWNER_ENV},
+    )
+    kept = None
+    try:
+        assert owner.stdout is not None
+        kept = psutil.Process(json.loads(owner.stdout.readline())["kept"])
+        token = lifeline.token_of(owner.pid)
+        trainers = lifeline.owned_by(token)
+        assert {"torch.distributed.run", "tests.programs.env_probe"} <= {
+            part for p in trainers for part in p.cmdline()
+        }, [p.cmdline() for p in trainers]
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        assert procs.wait_until(lambda: not lifeline.owned_by(token), timeout_s=60), [
+            p.cmdline() for p in lifeline.owned_by(token)
+        ]
+        assert kept.is_running()
+    finally:
+        owner.kill()
+        if kept is not None and kept.is_running():
+            kept.kill()

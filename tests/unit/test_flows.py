@@ -80,3 +80,23 @@ def test_unknown_work_pool_is_an_error(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump({"deployments": [{"name": "x", "entrypoint": "a:b", "work_pool": {"name": "gpu"}}]}))
     with pytest.raises(ValueError, match="unknown work pool"):
         pools_in(bad)
+
+
+def test_console_drops_tracebacks_of_expected_failures_only() -> None:
+    import logging
+
+    from argus.cli_pipeline import _ExpectedFailures
+    from flows.promote import PromotionError
+
+    def record(exc: Exception) -> logging.LogRecord:
+        with pytest.raises(type(exc)) as raised:
+            raise exc
+        info = (raised.type, raised.value, raised.tb)
+        return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed", (), info)
+
+    expected = record(PromotionError("v2 was not promoted: format rate 0.000 < 0.5"))
+    assert _ExpectedFailures().filter(expected) and expected.exc_info is None
+    assert "Traceback" not in logging.Formatter().format(expected)
+    unexpected = record(KeyError("bug"))
+    assert _ExpectedFailures().filter(unexpected) and unexpected.exc_info is not None
+    assert "Traceback" in logging.Formatter().format(unexpected)

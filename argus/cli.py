@@ -663,6 +663,7 @@ def _print_metrics(title: str, summary: dict[str, Any]) -> None:
     console.print(table)
 
 
+from argus.cli_k8s import k8s_app  # noqa: E402 - commands defined there
 from argus.cli_pipeline import (  # noqa: E402 - commands defined there
     deploy_command,
     promote_command,
@@ -678,6 +679,7 @@ app.command("promote")(promote_command)
 app.command("rollback")(rollback_command)
 app.add_typer(runs_app, name="runs")
 app.add_typer(serving_app, name="serving")
+app.add_typer(k8s_app, name="k8s")
 
 
 def main() -> None:

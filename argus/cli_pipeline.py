@@ -521,15 +521,18 @@ def serving_status(home: Annotated[Path | None, typer.Option("--home", show_defa
     backend = LocalBackend(settings)
     active = {e.active: e for e in backend.endpoints()}
     table = Table(title="serving")
-    for col in ("endpoint", "deployment", "model", "version", "aliases", "health", "URL"):
-        table.add_column(col, no_wrap=col != "URL")
+    for col in ("endpoint", "deployment", "model", "version", "aliases", "health"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("URL", overflow="fold")  # the one thing a user copies: never cut with an ellipsis
     rows = 0
     for dep in backend.deployments():
         stable = active.get(dep.name)
         try:
             served = registry.versions_with_source(settings, dep.served_name, dep.model_uri)
             version = ", ".join(f"v{mv.version}" for mv in served) or "-"
-            aliases = ", ".join(sorted({a for mv in served for a in mv.aliases})) or "-"
+            # search results carry no aliases; each version is read for its own
+            aliases = ", ".join(sorted({a for mv in served for a in registry.aliases(settings, mv.name, mv.version)}))
+            aliases = aliases or "-"
         except Exception:  # noqa: BLE001 - the registry may be down; serving status still helps
             version = aliases = "?"
         url = stable.url if stable else dep.base_url

@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from argus.backends.base import TrainingJob
-from argus.config import PipelineSpec, SFTJobConfig, StackSettings
+from argus.config import PipelineSpec, SFTJobConfig, SFTSpec, StackSettings
+
+
+def generated_deepspeed_config(sft: SFTSpec, *, cuda: bool, bf16_ok: bool) -> dict[str, Any]:
+    """The DeepSpeed config of an SFT job: the trainer builds it for the device it finds, the Kubernetes
+    renderer for GPU pods (it becomes the job's ConfigMap)."""
+    zero: dict[str, Any] = {"stage": sft.deepspeed.zero_stage}
+    if sft.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    if sft.deepspeed.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+    return {
+        "train_micro_batch_size_per_gpu": sft.micro_batch_size,
+        "gradient_accumulation_steps": sft.grad_accum,
+        "gradient_clipping": sft.optim.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": sft.precision == "bf16" and bf16_ok},
+        "fp16": {"enabled": sft.precision == "fp16" and cuda},
+        # AdamW from torch: the same optimizer with or without DeepSpeed, which the benchmark relies on.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
 
 
 def base_model_uri(spec: PipelineSpec, settings: StackSettings) -> str:

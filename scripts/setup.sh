@@ -29,6 +29,11 @@ die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 
 # --- apt ------------------------------------------------------------------------------------------
+# `kubectl kustomize` builds the cluster manifests in the tests; Debian's kubectl when none is installed
+# (the overlays use only what its older built-in kustomize understands).
+if ! kubectl kustomize --help >/dev/null 2>&1; then
+  APT_PACKAGES+=(kubernetes-client)
+fi
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

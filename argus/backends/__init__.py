@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from argus.backends.base import Backend, BackendError
-from argus.config import StackSettings
+from argus.config import PipelineSpec, StackSettings
 
 
-def get_backend(kind: str, settings: StackSettings) -> Backend:
+def get_backend(kind: str, settings: StackSettings, spec: PipelineSpec | None = None) -> Backend:
     if kind == "local":
         from argus.backends.local import LocalBackend
 
         return LocalBackend(settings)
-    raise BackendError(f"backend {kind!r} is not available in this installation (known: local)")
+    if kind == "kubernetes":
+        if spec is None:
+            raise BackendError("the kubernetes backend needs the pipeline spec (node pools, images, namespace)")
+        from argus.backends.kubernetes import KubernetesBackend
+
+        return KubernetesBackend(settings, spec)
+    raise BackendError(f"unknown backend {kind!r} (known: local, kubernetes)")
 
 
 __all__ = ["Backend", "BackendError", "get_backend"]

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from argus.config import SandboxSettings, SearchSettings
@@ -77,3 +78,90 @@ def test_search_objects_reference_each_other() -> None:
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     (volume,) = [v for v in pod["volumes"] if v["name"] == "api-key"]
     assert str(settings.api_key_file) == f"{mounts['api-key']}/{volume['secret']['items'][0]['path']}"
+
+
+K8S_VERSION = "1.35.0"  # kubernetes<36: the API the client speaks
+KUEUE_KINDS = {"ResourceFlavor", "ClusterQueue", "LocalQueue"}  # Kueue's CRDs are not installed here
+
+
+def _validate_all(objects: list[dict[str, Any]]) -> list[str]:
+    """Every object against the pinned Kubernetes OpenAPI schema (strict: unknown fields fail); returns
+    the kinds that have no schema here."""
+    import kubernetes_validate
+
+    unchecked = []
+    for obj in objects:
+        if obj["kind"] in KUEUE_KINDS:
+            assert obj["apiVersion"] == "kueue.x-k8s.io/v1beta1" and obj.get("spec") is not None, obj
+            unchecked.append(obj["kind"])
+            continue
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    return unchecked
+
+
+@pytest.mark.parametrize("overlay", ["staging", "production"])
+def test_overlays_build_and_validate(overlay: str) -> None:
+    import subprocess
+
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(REPO / "manifests" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    objects = [d for d in yaml.safe_load_all(built) if d]
+    kinds = {o["kind"] for o in objects}
+    assert {"Namespace", "CustomResourceDefinition", "RuntimeClass", "Role", "RoleBinding", "ServiceAccount"} <= kinds
+    assert {"StatefulSet", "Deployment", "DaemonSet", "Service", "NetworkPolicy", "ConfigMap", "Job"} <= kinds
+    assert set(_validate_all(objects)) == KUEUE_KINDS
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    assert {("Deployment", "argus-operator"), ("Deployment", "prefect-worker"), ("Deployment", "mlflow")} <= names
+    assert all(o["metadata"].get("namespace") in (None, "argus") for o in objects)
+    worker = next(o for o in objects if o["metadata"]["name"] == "prefect-worker")
+    assert worker["spec"]["replicas"] == (2 if overlay == "production" else 1)
+    secrets = [o for o in objects if o["kind"] == "Secret"]
+    assert bool(secrets) == (overlay == "staging")  # production's credentials are created out of band
+
+
+def test_crds_file_is_the_generated_output() -> None:
+    from argus.k8s.crds import KINDS, crd
+
+    committed = [d for d in yaml.safe_load_all((REPO / "manifests" / "base" / "crds" / "crds.yaml").read_text()) if d]
+    assert committed == [crd(kind) for kind in KINDS], "run: argus k8s crds > manifests/base/crds/crds.yaml"
+
+
+def test_operator_children_are_valid_and_use_real_settings() -> None:
+    from argus.k8s.crds import ModelServingSpec, ToolEnvironmentSpec
+    from argus.k8s.render import model_serving, tool_environment
+    from argus.specfile import load_spec
+    from operators.children import revision_deployment, stable_service, tool_environment_children
+
+    spec = load_spec(REPO / "examples" / "deepeyesv2-7b.yaml")
+    tools = ToolEnvironmentSpec.model_validate(tool_environment(spec, "r1-tools", "argus", "r1")["spec"])
+    children = tool_environment_children("r1-tools", tools)
+    serving = ModelServingSpec.model_validate(model_serving(spec, "production", "s3://m/v1", "r1", "argus")["spec"])
+    children += [revision_deployment("p", serving), stable_service("p", "r1")]
+    assert _validate_all(children) == []
+    for child in children:
+        for container in child.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            for var in container.get("env", []):
+                for prefix, settings in (("ARGUS_SANDBOX_", SandboxSettings), ("ARGUS_SEARCH_", SearchSettings)):
+                    if var["name"].startswith(prefix):
+                        assert var["name"].removeprefix(prefix).lower() in settings.model_fields, var["name"]
+
+
+def test_dockerfiles_copy_what_exists_and_start_real_modules() -> None:
+    import importlib.util
+
+    for dockerfile in sorted((REPO / "images").glob("*/Dockerfile")):
+        text = dockerfile.read_text()
+        for line in re.findall(r"^COPY (.+)$", text, flags=re.MULTILINE):
+            for source in line.split()[:-1]:
+                assert (REPO / source).exists(), f"{dockerfile}: COPY {source}"
+        for module in re.findall(r"-m\", \"([a-z_.]+)\"|import ([a-z_.]+)", text):
+            name = next(m for m in module if m)
+            if name.startswith(("operators", "trainers", "flows", "argus")):
+                assert importlib.util.find_spec(name) is not None, f"{dockerfile}: {name}"
+    assert {p.parent.name for p in (REPO / "images").glob("*/Dockerfile")} == {
+        "trainer", "sandbox", "search", "operator", "flows"
+    }  # fmt: skip

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from argus import tracking
 from argus.config import SFTJobConfig, StackSettings
 from argus.data.formats import DataFormatError, read_sharegpt
+from argus.jobs import generated_deepspeed_config
 from argus.storage import download_dir, is_s3, read_uri, upload_dir
 from trainers.checkpoint import CheckpointStore
 from trainers.sft.data import Encoded, Encoder, Schedule, collate
@@ -99,28 +100,11 @@ def materialise_model(uri: str, cache: Path, settings: StackSettings) -> Path:
 
 
 def deepspeed_config(job: SFTJobConfig, settings: StackSettings) -> dict[str, Any]:
-    s = job.sft
-    if s.deepspeed.config:
-        user: dict[str, Any] = json.loads(read_uri(s.deepspeed.config, settings))
+    if job.sft.deepspeed.config:
+        user: dict[str, Any] = json.loads(read_uri(job.sft.deepspeed.config, settings))
         return user
-    zero: dict[str, Any] = {"stage": s.deepspeed.zero_stage}
-    if s.deepspeed.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if s.deepspeed.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    bf16 = s.precision == "bf16" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
-    return {
-        "train_micro_batch_size_per_gpu": s.micro_batch_size,
-        "gradient_accumulation_steps": s.grad_accum,
-        "gradient_clipping": s.optim.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "fp16": {"enabled": s.precision == "fp16" and torch.cuda.is_available()},
-        # AdamW from torch: the same optimizer with or without DeepSpeed, which the benchmark relies on.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
+    cuda = torch.cuda.is_available()
+    return generated_deepspeed_config(job.sft, cuda=cuda, bf16_ok=not cuda or torch.cuda.is_bf16_supported())
 
 
 class Trainer:

@@ -1,0 +1,1 @@
+"""Kubernetes objects Argus renders and the custom resources its operators reconcile."""

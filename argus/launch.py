@@ -43,6 +43,13 @@ def pytorchjob_env(
     }
 
 
+def torch_extensions_dir() -> Path:
+    """Where DeepSpeed's JIT-built ops live: inside the virtualenv whose torch they link against. (One
+    cache shared by several checkouts made each rebuild the ops for its own venv paths: 30-45 s per op
+    on the first training job of a run, measured.)"""
+    return Path(sys.prefix) / "torch_extensions"
+
+
 def torchrun_command(module: str, *args: str) -> list[str]:
     """torchrun takes nnodes / nproc / rank / master from the PET_* variables, as in a pod."""
     return [sys.executable, "-m", "torch.distributed.run", "-m", module, *args]
@@ -63,7 +70,7 @@ class TrainingRun:
 
     def start(self) -> procs.ProcessRecord:
         env = {**os.environ, **pytorchjob_env(self.nproc_per_node), **self.extra_env}
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "argus" / "torch_extensions"))
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
         # The log is appended to across restarts and re-runs: only what this start writes is news.
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.popen, self.record = procs.spawn(

@@ -85,9 +85,9 @@ PY
   echo "$main_stamp" > "$MAIN_VENV/.argus-stamp"
 fi
 
-# DeepSpeed JIT-builds its CPU shared-memory op on first use (30-90 s). Build it once into a cache
-# outside the checkout, so fresh clones on this machine and concurrent ranks never rebuild it.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/argus/torch_extensions}"
+# DeepSpeed JIT-builds its CPU ops on first use (30-90 s). Build them once, into the virtualenv whose
+# torch they link against (argus.launch.torch_extensions_dir), so no training job builds them.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$MAIN_VENV/torch_extensions}"
 if ! ls "$TORCH_EXTENSIONS_DIR"/deepspeed_shm_comm/*.so "$TORCH_EXTENSIONS_DIR"/cpu_adam/*.so >/dev/null 2>&1; then
   say "building DeepSpeed's CPU ops: communication, Adam for ZeRO-Offload (once per machine)"
   "$MAIN_VENV/bin/python" -c 'from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder

@@ -33,6 +33,7 @@ from argus import tracking
 from argus.config import SFTJobConfig, StackSettings
 from argus.data.formats import DataFormatError, read_sharegpt
 from argus.jobs import generated_deepspeed_config
+from argus.launch import torch_extensions_dir
 from argus.storage import download_dir, is_s3, read_uri, upload_dir
 from trainers.checkpoint import CheckpointStore
 from trainers.sft.data import Encoded, Encoder, Schedule, collate
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "argus" / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
     _die_with_launcher()
     job = load_job(args.config)
     try:

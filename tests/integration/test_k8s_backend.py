@@ -45,6 +45,7 @@ class Emulator:
     def __init__(self) -> None:
         self.url = ""
         self.handler: Any = None
+        self.operator_log: Path | None = None  # set where an operator runs against this emulator
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None

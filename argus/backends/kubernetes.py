@@ -248,21 +248,9 @@ class KubernetesBackend(Backend):
     def _serving_body(
         self, name: str, model_uri: str, target: ServingTarget, served_name: str, revision: str, keep: bool
     ) -> dict[str, Any]:
-        return crds.custom_resource(
-            "ModelServing",
-            name,
-            self.namespace,
-            crds.ModelServingSpec(
-                model_uri=model_uri,
-                served_name=served_name,
-                revision=revision,
-                replicas=target.replicas,
-                node_pool=self.spec.node_pools.get(target.node_pool) if target.node_pool else None,
-                resources=target.resources,
-                max_model_len=target.max_model_len,
-                extra_args=target.extra_args,
-            ),
-            {"argus.dev/spec": self.spec.name, "argus.dev/keep": str(keep).lower()},
+        labels = {"argus.dev/keep": str(keep).lower()}
+        return render.serving_resource(
+            self.spec, name, self.namespace, target, model_uri, served_name, revision, labels
         )
 
     def switch(self, endpoint: str, to: ServingEndpoint) -> StableEndpoint:

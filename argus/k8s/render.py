@@ -19,7 +19,7 @@ from kubeflow.training import models as km
 from kubernetes import client as k8s
 
 from argus.backends.base import TrainingJob
-from argus.config import NodePool, PipelineSpec, Resources, SFTJobConfig, SFTSpec, StackSettings
+from argus.config import NodePool, PipelineSpec, Resources, ServingTarget, SFTJobConfig, SFTSpec, StackSettings
 from argus.jobs import generated_deepspeed_config, sft_job
 from argus.k8s.crds import Images, ModelServingSpec, ToolEnvironmentSpec, custom_resource
 
@@ -184,11 +184,20 @@ def tool_environment(spec: PipelineSpec, name: str, namespace: str, run_id: str)
     return custom_resource("ToolEnvironment", name, namespace, body, {"argus.dev/spec": spec.name})
 
 
-def model_serving(spec: PipelineSpec, stage: str, model_uri: str, revision: str, namespace: str) -> dict[str, Any]:
-    target = spec.serving.staging if stage == "staging" else spec.serving.production
+def serving_resource(
+    spec: PipelineSpec,
+    name: str,
+    namespace: str,
+    target: ServingTarget,
+    model_uri: str,
+    served_name: str,
+    revision: str,
+    labels: dict[str, str],
+) -> dict[str, Any]:
+    """A ModelServing for `target` (the one place a serving target becomes a resource)."""
     body = ModelServingSpec(
         model_uri=model_uri,
-        served_name=spec.model.registered_name,
+        served_name=served_name,
         revision=revision,
         replicas=target.replicas,
         node_pool=_pool(spec, target.node_pool),
@@ -196,10 +205,14 @@ def model_serving(spec: PipelineSpec, stage: str, model_uri: str, revision: str,
         max_model_len=target.max_model_len,
         extra_args=target.extra_args,
     )
+    return custom_resource("ModelServing", name, namespace, body, {"argus.dev/spec": spec.name, **labels})
+
+
+def model_serving(spec: PipelineSpec, stage: str, model_uri: str, revision: str, namespace: str) -> dict[str, Any]:
+    target = spec.serving.staging if stage == "staging" else spec.serving.production
     name = f"{spec.name}-{stage}"
-    return custom_resource(
-        "ModelServing", name, namespace, body, {"argus.dev/spec": spec.name, "argus.dev/stage": stage}
-    )
+    served = spec.model.registered_name
+    return serving_resource(spec, name, namespace, target, model_uri, served, revision, {"argus.dev/stage": stage})
 
 
 def render(spec: PipelineSpec, run_name: str | None = None) -> list[dict[str, Any]]:

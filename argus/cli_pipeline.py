@@ -2,7 +2,8 @@
 
 `argus run` executes the `pipeline` flow in this process against the platform stack (started if
 needed), exactly as a Prefect worker executes a deployment's flow run, and shows the stages live from
-the Prefect API: what a user sees here is what the Prefect UI shows.
+the Prefect API: what a user sees here is what the Prefect UI shows. A spec with `backend: kubernetes`
+is submitted to the cluster instead (`argus.cli_cluster`).
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ class StageView:
         self.flow_run_id = flow_run_id
         self.run_name = run_name
         self.rows: list[tuple[str, str, str, str]] = []
+        self.flow_state = ""  # set by whoever watches the flow run itself (a run in a cluster)
         self.stop = threading.Event()
 
     def poll(self) -> None:
@@ -166,7 +168,8 @@ class StageView:
         self.rows = rows
 
     def table(self) -> Table:
-        table = Table(title=f"pipeline {self.run_name}", title_justify="left")
+        title = f"pipeline {self.run_name}" + (f" · {self.flow_state}" if self.flow_state else "")
+        table = Table(title=title, title_justify="left")
         for col in ("stage", "state", "time", ""):
             table.add_column(col)
         for stage, state, elapsed, detail in self.rows:
@@ -256,19 +259,26 @@ def run_command(
     spec_file: Annotated[str, typer.Argument(metavar="SPEC", help="pipeline spec: a YAML file or an s3:// URI")],
     run_name: Annotated[str | None, typer.Option(help="same name resumes a run (default: the spec's name)")] = None,
     home: Annotated[Path | None, typer.Option("--home", help="Argus state directory", show_default=False)] = None,
+    detach: Annotated[
+        bool, typer.Option(help="backend kubernetes: submit the run and return (it goes on in the cluster)")
+    ] = False,
 ) -> None:
-    """Run a pipeline spec: data, tool environment, SFT, evaluation, registry; resumes a crashed run."""
+    """Run a pipeline spec: data, tool environment, SFT, evaluation, registry; resumes a crashed run.
+
+    With `backend: kubernetes` the flow runs in the cluster of the spec's kube context (the current one
+    if unset) and this command submits it and shows its stages."""
     spec = spec_or_exit(spec_file)
     run = run_name or spec.name
     if not re.match(DNS_LABEL, run):
         err_console.print(f"[red]error:[/] --run-name {run!r} must be a DNS label (lowercase letters, digits, '-')")
         raise typer.Exit(2)
-    if spec.backend != "local":
-        err_console.print(
-            f"[red]error:[/] {spec_file}: backend {spec.backend!r} runs through its Prefect deployment "
-            "(`argus deploy`, then trigger `pipeline/pipeline-kubernetes`); `argus run` drives the local backend",
-            highlight=False,
-        )
+    if spec.backend == "kubernetes":
+        from argus.cli_cluster import run_on_cluster
+
+        run_on_cluster(spec_file, spec, run, detach=detach)
+        return
+    if detach:
+        err_console.print("[red]error:[/] --detach is for backend kubernetes; a local run lives in this process")
         raise typer.Exit(2)
     started = time.monotonic()
     settings = _settings(home)
@@ -426,8 +436,8 @@ def deploy_command(
     _prepare_env(settings)
     from argus.deployments import ensure_work_pools
 
-    for pool, created in ensure_work_pools(prefect_file):
-        console.print(f"work pool {pool}: {'created' if created else 'exists'}", highlight=False)
+    for pool, what in ensure_work_pools(prefect_file):
+        console.print(f"work pool {pool}: {what}", highlight=False)
     from argus.deployments import apply_deployments
     from argus.tracking import code_version
 

@@ -365,7 +365,21 @@ def semantic_errors(spec: PipelineSpec) -> list[tuple[tuple[str | int, ...], str
         errors.append((("rl", "reward", "judge"), "is true but tools.judge is not configured"))
     if not spec.sft.enabled and not spec.rl.enabled:
         errors.append((("sft", "enabled"), "both sft and rl are disabled: the pipeline would train nothing"))
+    if spec.backend == "kubernetes":
+        errors += [
+            (path, f"{uri!r} is a local path, which pods cannot read: use s3:// or hf://")
+            for path, uri in _local_uris(spec)
+        ]
     return errors
+
+
+def _local_uris(spec: PipelineSpec) -> list[tuple[tuple[str | int, ...], str]]:
+    uris: list[tuple[tuple[str | int, ...], str | None]] = [
+        (("model", "base", "uri"), spec.model.base.uri),
+        *((("data", name), getattr(spec.data, name)) for name in ("sft", "rl", "eval", "search_corpus")),
+        *((("eval", "suites", i, "data"), suite.data) for i, suite in enumerate(spec.eval.suites)),
+    ]
+    return [(path, uri) for path, uri in uris if uri and "://" not in uri]
 
 
 # --------------------------------------------------------------------------------------------------

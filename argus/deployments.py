@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import re
 from pathlib import Path
@@ -13,6 +14,10 @@ import yaml
 # Pool name → worker type. The process pool is served by the local stack's worker; the Kubernetes
 # pool by a Prefect Kubernetes worker in the cluster (manifests/base/prefect).
 POOL_TYPES = {"argus-local": "process", "argus-kubernetes": "kubernetes"}
+KUBERNETES_POOL = "argus-kubernetes"
+# Flow-run pods keep stage results on a shared volume: a re-run (another pod) finds them and resumes.
+FLOW_RESULTS_CLAIM = "argus-flow-results"
+FLOW_RESULTS_PATH = "/var/lib/argus/results"
 
 
 def pools_in(prefect_file: Path) -> list[str]:
@@ -24,34 +29,56 @@ def pools_in(prefect_file: Path) -> list[str]:
     return sorted(names)
 
 
-async def _ensure(pools: list[str]) -> list[tuple[str, bool]]:
+def base_job_template(kind: str, default: dict[str, Any]) -> dict[str, Any]:
+    """The worker type's default template; flow-run pods on Kubernetes also get the stack's ConfigMap and
+    the object store's Secret as environment, and the results volume."""
+    if kind != "kubernetes":
+        return default
+    template = copy.deepcopy(default)
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    container["envFrom"] = [
+        {"configMapRef": {"name": "argus-stack"}},
+        {"secretRef": {"name": "argus-object-store"}},
+    ]
+    container["volumeMounts"] = [{"name": "flow-results", "mountPath": FLOW_RESULTS_PATH}]
+    pod["volumes"] = [{"name": "flow-results", "persistentVolumeClaim": {"claimName": FLOW_RESULTS_CLAIM}}]
+    return template
+
+
+async def _ensure(pools: list[str]) -> list[tuple[str, str]]:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
 
     out = []
     async with get_client() as client:
         for name in pools:
-            try:
-                await client.read_work_pool(name)
-                out.append((name, False))
-                continue
-            except ObjectNotFound:
-                pass
             kind = POOL_TYPES[name]
-            template = await get_default_base_job_template_for_infrastructure_type(kind) or {}
+            template = base_job_template(kind, await get_default_base_job_template_for_infrastructure_type(kind) or {})
             try:
-                await client.create_work_pool(WorkPoolCreate(name=name, type=kind, base_job_template=template))
-                out.append((name, True))
-            except ObjectAlreadyExists:
-                out.append((name, False))
+                pool = await client.read_work_pool(name)
+            except ObjectNotFound:
+                try:
+                    await client.create_work_pool(WorkPoolCreate(name=name, type=kind, base_job_template=template))
+                    out.append((name, "created"))
+                except ObjectAlreadyExists:
+                    out.append((name, "exists"))
+                continue
+            # A Kubernetes worker that starts first creates its pool with the plain default template.
+            if pool.base_job_template != template:
+                await client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
+                out.append((name, "updated"))
+            else:
+                out.append((name, "exists"))
     return out
 
 
-def ensure_work_pools(prefect_file: Path) -> list[tuple[str, bool]]:
-    """Create the pools the deployments name (the worker type decides the base job template)."""
-    return asyncio.run(_ensure(pools_in(prefect_file)))
+def ensure_work_pools(prefect_file: Path, only: set[str] | None = None) -> list[tuple[str, str]]:
+    """Create the pools the deployments name (the worker type decides the base job template), or bring
+    an existing pool's template up to date."""
+    return asyncio.run(_ensure([p for p in pools_in(prefect_file) if only is None or p in only]))
 
 
 _ENV_REF = re.compile(r"\{\{\s*\$([A-Z_][A-Z0-9_]*)\s*\}\}")
@@ -68,7 +95,7 @@ def _resolve_env(value: Any) -> Any:
     return value
 
 
-async def _apply(prefect_file: Path, version: str) -> list[str]:
+async def _apply(prefect_file: Path, version: str, only: set[str] | None) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.flows import load_flow_from_entrypoint
     from prefect.utilities.callables import parameter_schema
@@ -77,6 +104,8 @@ async def _apply(prefect_file: Path, version: str) -> list[str]:
     names = []
     async with get_client() as client:
         for dep in doc.get("deployments", []):
+            if only is not None and (dep.get("work_pool") or {}).get("name") not in only:
+                continue
             entrypoint = str(prefect_file.parent / dep["entrypoint"])
             flow: Any = load_flow_from_entrypoint(entrypoint)
             flow_id = await client.create_flow_from_name(flow.name)
@@ -99,10 +128,10 @@ async def _apply(prefect_file: Path, version: str) -> list[str]:
     return names
 
 
-def apply_deployments(prefect_file: Path, version: str) -> list[str]:
-    """Register (create or update) every deployment of `prefect_file`, as `prefect deploy --all` would
-    for deployments without build or push steps."""
-    return asyncio.run(_apply(prefect_file, version))
+def apply_deployments(prefect_file: Path, version: str, only: set[str] | None = None) -> list[str]:
+    """Register (create or update) every deployment of `prefect_file` (of the pools in `only`, if given),
+    as `prefect deploy --all` would for deployments without build or push steps."""
+    return asyncio.run(_apply(prefect_file, version, only))
 
 
 def list_deployments() -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from prefect.artifacts import create_table_artifact
 
 from argus import tracking
 from argus.backends.base import ServingEndpoint, ToolEndpoints
-from argus.config import EvalSuite, ServingTarget, ToolsSpec
+from argus.config import EvalSuite, PipelineSpec, ServingTarget, ToolsSpec
 from argus.data.formats import read_rl_parquet
 from argus.evaluation import TOOLS, evaluate_endpoint, evaluate_served
 from argus.storage import fingerprint, join_uri
@@ -55,10 +55,11 @@ def run_eval(
     parent_run_id: str | None,
     baseline: bool,
     endpoint: ServingEndpoint | None = None,
+    spec: PipelineSpec | None = None,
 ) -> EvalReport:
     log = get_run_logger()
     settings = stack_settings()
-    runner = backend(backend_kind, settings)
+    runner = backend(backend_kind, settings, spec)
     tasks = read_rl_parquet(suite.data or join_uri(data_uri, "eval", "eval.parquet"))[: suite.limit]
     name = artifact_key("eval", label, model_fingerprint[:8])
     done = 0
@@ -167,9 +168,11 @@ def evaluate(
     parent_run_id: str | None = None,
     baseline: bool = False,
     endpoint: ServingEndpoint | None = None,
+    spec: PipelineSpec | None = None,
 ) -> EvalReport:
     """Evaluate `model_uri` (directory or s3:// prefix, Hugging Face layout) on the suite under
-    `data_uri` (`eval/eval.parquet`, `search/index.sqlite`)."""
+    `data_uri` (`eval/eval.parquet`, `search/index.sqlite`). `spec` is the pipeline spec the model comes
+    from: the kubernetes backend places servers and tools by it (namespace, images, node pools)."""
     settings = stack_settings()
     suite = suite or EvalSuite(name="eval")
     model_fp = fingerprint(model_uri, settings)
@@ -189,6 +192,7 @@ def evaluate(
         parent_run_id=parent_run_id,
         baseline=baseline,
         endpoint=endpoint,
+        spec=spec,
         return_state=True,
     )
     report: EvalReport = state.result()

@@ -198,7 +198,7 @@ def train_sft(
         elif kind in ("checkpoint", "exported", "resumed", "restarting"):
             log.info("%s: %s", kind, {k: v for k, v in event.items() if k not in ("event", "time")})
 
-    runner = backend(spec.backend, settings)
+    runner = backend(spec.backend, settings, spec)
     started = time.monotonic()
     try:
         result = runner.run(job, on_event)
@@ -296,7 +296,7 @@ def pipeline(spec_uri: str, run_name: str | None = None) -> PipelineResult:
     run = run_name or spec.name
     if not re.match(DNS_LABEL, run):
         raise PipelineError(f"run name {run!r} must be a DNS label (lowercase letters, digits, '-')")
-    runner = backend(spec.backend, settings)
+    runner = backend(spec.backend, settings, spec)
     parent_run_id, parent_url = pipeline_mlflow_run(spec, run, spec_uri)
     create_link_artifact(parent_url, link_text=f"MLflow run of pipeline {run}", key=artifact_key(run, "mlflow"))
     flow_run_id = str(flow_run.get_id())
@@ -372,6 +372,7 @@ def pipeline(spec_uri: str, run_name: str | None = None) -> PipelineResult:
                     parent_run_id=parent_run_id,
                     baseline=baseline,
                     endpoint=endpoint,
+                    spec=spec,
                 )
                 work = serve_s + (0.0 if report.cached else report.serve_s + report.eval_s)
                 return report, work, report.cached and not serve_s

@@ -154,6 +154,7 @@ def _to_staging(
         backend_kind=spec.backend,
         experiment=spec.name,
         endpoint=endpoint,
+        spec=spec,
     )
     metrics = {f"overall.{m}": report.value(m) for m in METRICS}
     registry.set_tags(
@@ -244,7 +245,7 @@ def promote(
     settings = stack_settings()
     mv = registry.get_version(settings, name, version)
     spec = _spec_for(settings, mv, spec_uri)
-    runner = backend(spec.backend, settings)
+    runner = backend(spec.backend, settings, spec)
     try:
         if to == "staging":
             return _to_staging(settings, runner, spec, mv, spec_uri)
@@ -271,7 +272,7 @@ def rollback(name: str, spec_uri: str | None = None) -> PromotionResult:
     if previous is None:
         raise PromotionError(f"{name} has no {ALIAS_PREVIOUS} version to roll back to")
     spec = _spec_for(settings, previous, spec_uri)
-    runner = backend(spec.backend, settings)
+    runner = backend(spec.backend, settings, spec)
     try:
         return _switch_production(settings, runner, spec, previous, why="rollback")
     finally:

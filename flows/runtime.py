@@ -6,7 +6,7 @@ from typing import Any
 
 from argus import tracking
 from argus.backends import Backend, get_backend
-from argus.config import StackSettings
+from argus.config import PipelineSpec, StackSettings
 
 
 class FlowError(RuntimeError):
@@ -15,12 +15,15 @@ class FlowError(RuntimeError):
 
 
 def stack_settings() -> StackSettings:
-    """The platform endpoints from the environment (`argus run` and the stack's worker set them)."""
-    return StackSettings()
+    """The platform endpoints from the environment: `argus run` and the stack's worker set the `ARGUS_*`
+    and the standard client variables alike; a flow-run pod on a cluster gets the standard ones from the
+    `argus-stack` ConfigMap and the object store's Secret."""
+    return StackSettings.for_workload()
 
 
-def backend(kind: str, settings: StackSettings) -> Backend:
-    return get_backend(kind, settings)
+def backend(kind: str, settings: StackSettings, spec: PipelineSpec | None = None) -> Backend:
+    """The spec's backend; the Kubernetes one needs the spec itself (namespace, images, node pools)."""
+    return get_backend(kind, settings, spec)
 
 
 def mlflow_client(settings: StackSettings) -> Any:

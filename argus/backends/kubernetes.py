@@ -31,6 +31,7 @@ from argus.backends.base import (
 )
 from argus.config import PipelineSpec, ServingTarget, StackSettings, ToolsSpec
 from argus.k8s import crds, render
+from argus.k8s.cluster import ClusterError, api_client
 
 
 def job_state(job: dict[str, Any]) -> tuple[JobState, str, str]:
@@ -65,17 +66,11 @@ class KubernetesBackend(Backend):
         self.namespace = spec.kubernetes.namespace
         self.poll_s = poll_s
         self.ready_timeout_s = ready_timeout_s
-        if client_configuration is None:
-            from kubernetes import config
-
-            try:
-                config.load_kube_config(context=spec.kubernetes.context)
-            except config.ConfigException:
-                config.load_incluster_config()
-        api = k8s.ApiClient(client_configuration)
-        self.training = TrainingClient(
-            client_configuration=client_configuration or k8s.Configuration.get_default_copy()
-        )
+        try:
+            api = api_client(spec.kubernetes, client_configuration)
+        except ClusterError as exc:
+            raise BackendError(str(exc)) from None
+        self.training = TrainingClient(client_configuration=api.configuration)
         self.core = k8s.CoreV1Api(api)
         self.custom = k8s.CustomObjectsApi(api)
         self._tools: set[str] = set()

@@ -42,7 +42,8 @@ RESOURCES = {
 class Emulator:
     """kmock's emulator on its own event loop in a thread, so synchronous clients can talk to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, resources: dict[str, str] | None = None) -> None:
+        self.resources = RESOURCES if resources is None else resources
         self.url = ""
         self.handler: Any = None
         self.operator_log: Path | None = None  # set where an operator runs against this emulator
@@ -63,7 +64,7 @@ class Emulator:
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
-            for key, kind in RESOURCES.items():
+            for key, kind in self.resources.items():
                 emulator.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=VERBS)
             self.handler = emulator
             self.url = str(server.url).rstrip("/")
@@ -81,9 +82,16 @@ class Emulator:
 
     def serve_log(self, pod: str, text: str) -> None:
         """The pod's log subresource (the emulator stores objects, not logs)."""
-        self._loop.call_soon_threadsafe(
-            lambda: self.handler[f"get /api/v1/namespaces/{NS}/pods/{pod}/log"] << text.encode()
-        )
+        self.serve(f"/api/v1/namespaces/{NS}/pods/{pod}/log", text.encode())
+
+    def serve(self, path: str, payload: dict[str, Any] | bytes) -> None:
+        """A fixed answer for GET `path`, in place before this returns (objects the emulator cannot
+        store, such as namespaces, and subresources such as logs)."""
+
+        async def add() -> None:
+            self.handler[f"get {path}"] << payload
+
+        asyncio.run_coroutine_threadsafe(add(), self._loop).result(timeout=10)
 
     def close(self) -> None:
         assert self._stop is not None

@@ -66,6 +66,8 @@ BAD_SPECS = [
     (quickstart, "sft.enabled", False, "sft.enabled", "train nothing"),
     (cluster, "data.sft", "s3://Bad_Bucket/x", "data.sft", "pattern"),
     (cluster, "sft.node_pool", "a100", "sft.node_pool", "unknown node pool 'a100'"),
+    (cluster, "data.eval", "data/val.parquet", "data.eval", "local path, which pods cannot read"),
+    (cluster, "model.base.uri", "/models/qwen", "model.base.uri", "use s3:// or hf://"),
     (cluster, "rl.node_pool", DELETE, "rl.node_pool", "needs a node pool"),
     (cluster, "sft.resources.gpus", 16, "sft.resources.gpus", "has 8 per node"),
     (cluster, "sft.nproc_per_node", 4, "sft.nproc_per_node", "one process per GPU"),

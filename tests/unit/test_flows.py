@@ -13,7 +13,7 @@ from prefect.flows import Flow
 from prefect.states import Completed, Failed
 
 from argus.backends.base import BackendError
-from argus.deployments import POOL_TYPES, pools_in
+from argus.deployments import FLOW_RESULTS_PATH, POOL_TYPES, base_job_template, pools_in
 from argus.storage import fingerprint
 from flows.results import cache_key
 from flows.runtime import artifact_key, transient
@@ -100,3 +100,29 @@ def test_console_drops_tracebacks_of_expected_failures_only() -> None:
     unexpected = record(KeyError("bug"))
     assert _ExpectedFailures().filter(unexpected) and unexpected.exc_info is not None
     assert "Traceback" in logging.Formatter().format(unexpected)
+
+
+def test_kubernetes_pool_template_gives_flow_pods_the_stack_and_the_results_volume() -> None:
+    # The shape of Prefect's default Kubernetes template (job_manifest → pod spec → one container).
+    container = {"name": "prefect-job", "env": "{{ env }}", "image": "{{ image }}"}
+    default = {"job_configuration": {"job_manifest": {"spec": {"template": {"spec": {"containers": [container]}}}}}}
+    template = base_job_template("kubernetes", default)
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["envFrom"] == [
+        {"configMapRef": {"name": "argus-stack"}},
+        {"secretRef": {"name": "argus-object-store"}},
+    ]
+    assert pod["containers"][0]["volumeMounts"] == [{"name": "flow-results", "mountPath": FLOW_RESULTS_PATH}]
+    assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "argus-flow-results"}
+    assert "envFrom" not in container, "the default template is not modified in place"
+    assert base_job_template("process", default) is default
+    # The flows keep their results where the pods mount the volume.
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    env = doc["definitions"]["kubernetes_pool"]["job_variables"]["env"]
+    assert env["PREFECT_LOCAL_STORAGE_PATH"] == FLOW_RESULTS_PATH
+    claims = [
+        d["metadata"]["name"]
+        for d in yaml.safe_load_all((REPO / "manifests/base/stack/prefect.yaml").read_text())
+        if d["kind"] == "PersistentVolumeClaim"
+    ]
+    assert "argus-flow-results" in claims

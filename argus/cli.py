@@ -392,7 +392,9 @@ def data_generate(
     sft_size: Annotated[int, typer.Option(min=1)] = 200,
     rl_size: Annotated[int, typer.Option(min=1)] = 200,
     eval_size: Annotated[int, typer.Option(min=1)] = 60,
-    runner: Annotated[str, typer.Option(help="sandbox runner for the gold trajectories: gvisor | process")] = "gvisor",
+    runner: Annotated[
+        str, typer.Option(help="sandbox runner for the gold trajectories (Argus's own code): process | gvisor")
+    ] = "process",
 ) -> None:
     """Generate the miniature suite: SFT gold trajectories (run through the real tools), RL, eval, corpus."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -178,24 +178,16 @@ def _submit_and_follow(
 
 def _follow(client: Any, flow_run_id: Any, run: str) -> Any:
     """Show the stages until the flow run ends; Ctrl-C stops watching, never the run."""
-    import contextvars
-    import threading
-
-    from rich.live import Live
-
-    from argus.cli_pipeline import StageView, console, err_console
+    from argus.cli_pipeline import StageView, err_console
 
     view = StageView(flow_run_id, run)
-    with Live(view.table(), console=console, refresh_per_second=2, transient=False) as live:
-        # The thread sees this context's Prefect settings (the cluster's API), not the process defaults.
-        watcher = threading.Thread(target=contextvars.copy_context().run, args=(view.follow, live), daemon=True)
-        watcher.start()
+    with view.shown():
         try:
             while True:
                 state = client.read_flow_run(flow_run_id).state
                 if state is not None and state.type.value in TERMINAL_TYPES:
                     view.flow_state = state.name
-                    break
+                    return state
                 if state is not None and state.type.value in ("SCHEDULED", "PENDING"):
                     view.flow_state = f"{state.name}: waiting for the Kubernetes worker to start its pod"
                 else:
@@ -206,12 +198,3 @@ def _follow(client: Any, flow_run_id: Any, run: str) -> Any:
                 f"stopped watching; the run goes on in the cluster (cancel: prefect flow-run cancel {flow_run_id})"
             )
             raise typer.Exit(130) from None
-        finally:
-            view.stop.set()
-            watcher.join(timeout=5)
-            try:
-                view.poll()
-                live.update(view.table())
-            except Exception:  # noqa: BLE001 - the last refresh is cosmetic
-                pass
-    return state

@@ -8,12 +8,15 @@ is submitted to the cluster instead (`argus.cli_cluster`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import re
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -186,6 +189,24 @@ class StageView:
                 pass
             self.stop.wait(3.0)  # each poll is three API calls; the Prefect server shares the cores
 
+    @contextlib.contextmanager
+    def shown(self) -> Iterator[None]:
+        """The table, live, refreshed from a thread while the block runs, and once more at its end. The
+        thread runs in this context, so it talks to the Prefect API this context is set to."""
+        with Live(self.table(), console=console, refresh_per_second=2, transient=False) as live:
+            watcher = threading.Thread(target=contextvars.copy_context().run, args=(self.follow, live), daemon=True)
+            watcher.start()
+            try:
+                yield
+            finally:
+                self.stop.set()
+                watcher.join(timeout=5)
+                try:
+                    self.poll()
+                    live.update(self.table())
+                except Exception:  # noqa: BLE001 - the last refresh is cosmetic
+                    pass
+
 
 def print_result(result: PipelineResult) -> None:
     from flows.results import PipelineResult
@@ -301,9 +322,7 @@ def run_command(
         highlight=False,
     )
     view = StageView(flow_run.id, run)
-    with Live(view.table(), console=console, refresh_per_second=2, transient=False) as live:
-        watcher = threading.Thread(target=view.follow, args=(live,), daemon=True)
-        watcher.start()
+    with view.shown():
         try:
             state: State[Any] = run_flow(  # type: ignore[assignment]
                 pipeline,  # type: ignore[arg-type]
@@ -312,17 +331,8 @@ def run_command(
                 return_type="state",
             )
         except KeyboardInterrupt:
-            view.stop.set()
             err_console.print(f"interrupted; `argus run {spec_file} --run-name {run}` resumes where this stopped")
             raise typer.Exit(130) from None
-        finally:
-            view.stop.set()
-            watcher.join(timeout=5)
-            try:
-                view.poll()
-                live.update(view.table())
-            except Exception:  # noqa: BLE001
-                pass
     if not state.is_completed():
         try:
             state.result()

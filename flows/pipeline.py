@@ -103,7 +103,6 @@ def prepare_data(spec: PipelineSpec) -> DataRef:
             sft_size=gen.sft_size,
             rl_size=gen.rl_size,
             eval_size=gen.eval_size,
-            runner=spec.tools.sandbox.runner,
             stack=settings,
             on_progress=progress,
         ).manifest

@@ -124,15 +124,6 @@ def _submit_and_follow(
     from argus.k8s import render
     from argus.storage import write_uri
 
-    if spec_file.startswith("s3://"):
-        spec_uri = spec_file
-    else:
-        spec_uri = spec_object_uri(settings, run, spec_file)
-        try:
-            write_uri(spec_uri, Path(spec_file).read_bytes(), settings)
-        except Exception as exc:  # noqa: BLE001 - botocore's errors carry the endpoint and the reason
-            err_console.print(f"[red]error:[/] uploading the spec to {spec_uri}: {exc}", highlight=False)
-            raise typer.Exit(1) from None
     with temporary_settings(updates={PREFECT_API_URL: settings.prefect_url}), get_client(sync_client=True) as client:
         try:
             deployment = _deployment(client)
@@ -147,6 +138,16 @@ def _submit_and_follow(
                 highlight=False,
             )
             raise typer.Exit(1)
+        # Only now: a run that is still queued or running keeps the spec object it was submitted with.
+        if spec_file.startswith("s3://"):
+            spec_uri = spec_file
+        else:
+            spec_uri = spec_object_uri(settings, run, spec_file)
+            try:
+                write_uri(spec_uri, Path(spec_file).read_bytes(), settings)
+            except Exception as exc:  # noqa: BLE001 - botocore's errors carry the endpoint and the reason
+                err_console.print(f"[red]error:[/] uploading the spec to {spec_uri}: {exc}", highlight=False)
+                raise typer.Exit(1) from None
         flow_run = client.create_flow_run_from_deployment(
             deployment.id,
             parameters={"spec_uri": spec_uri, "run_name": run},

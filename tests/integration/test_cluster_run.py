@@ -209,9 +209,12 @@ def test_run_submits_to_the_clusters_prefect_and_follows_it(
 
         assert read_uri(fr.parameters["spec_uri"], stack) == SPEC.read_bytes()
 
-        # The same run name while it is still queued: refused, nothing new submitted.
-        again = argus(env, "run", str(SPEC), "--run-name", "r1", "--detach", timeout=300)
+        # The same run name while it is still queued: refused, and the queued run keeps its spec object.
+        edited = tmp_path / SPEC.name
+        edited.write_text(SPEC.read_text() + "# edited\n")
+        again = argus(env, "run", str(edited), "--run-name", "r1", "--detach", timeout=300)
         assert again.returncode == 1 and "already scheduled" in again.stderr, again.stdout + again.stderr
+        assert read_uri(fr.parameters["spec_uri"], stack) == SPEC.read_bytes()
 
         # Followed to a failure: the flow's message, and how to resume.
         follow = _follower(env, "r2", followers)

@@ -365,6 +365,18 @@ def semantic_errors(spec: PipelineSpec) -> list[tuple[tuple[str | int, ...], str
         errors.append((("rl", "reward", "judge"), "is true but tools.judge is not configured"))
     if not spec.sft.enabled and not spec.rl.enabled:
         errors.append((("sft", "enabled"), "both sft and rl are disabled: the pipeline would train nothing"))
+    if spec.backend == "kubernetes" and spec.data.generate is not None:
+        # Generation plays gold trajectories through a local code executor and search proxy; the flows
+        # image that runs the pipeline in the cluster carries neither (it drives the cluster, it computes
+        # nothing), so the suite is generated once from a workstation and read from the object store.
+        errors.append(
+            (
+                ("data", "generate"),
+                "is not run in the cluster: generate the suite once with `argus data generate --out "
+                "s3://<bucket>/<prefix>` and set data.sft/rl/eval/search_corpus to its sft/sft.json, "
+                "rl/train.parquet, eval/eval.parquet and search/",
+            )
+        )
     if spec.backend == "kubernetes":
         errors += [
             (path, f"{uri!r} is a local path, which pods cannot read: use s3:// or hf://")

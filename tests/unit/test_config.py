@@ -68,6 +68,7 @@ BAD_SPECS = [
     (cluster, "sft.node_pool", "a100", "sft.node_pool", "unknown node pool 'a100'"),
     (cluster, "data.eval", "data/val.parquet", "data.eval", "local path, which pods cannot read"),
     (cluster, "model.base.uri", "/models/qwen", "model.base.uri", "use s3:// or hf://"),
+    (cluster, "data", {"generate": {"seed": 1}}, "data.generate", "argus data generate --out s3://"),
     (cluster, "rl.node_pool", DELETE, "rl.node_pool", "needs a node pool"),
     (cluster, "sft.resources.gpus", 16, "sft.resources.gpus", "has 8 per node"),
     (cluster, "sft.nproc_per_node", 4, "sft.nproc_per_node", "one process per GPU"),

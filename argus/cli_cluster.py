@@ -16,11 +16,10 @@ from typing import Any
 
 import typer
 
+from argus.cli_pipeline import REPO, StageView, console, err_console
 from argus.config import PipelineSpec, StackSettings
 
 DEPLOYMENT = "pipeline/pipeline-kubernetes"
-TERMINAL_TYPES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-REPO = Path(__file__).resolve().parents[1]
 
 
 def spec_object_uri(settings: StackSettings, run: str, spec_file: str) -> str:
@@ -70,25 +69,17 @@ def _pipeline_mlflow_run(settings: StackSettings, spec: PipelineSpec, run: str) 
     import mlflow
 
     from argus import tracking
-    from flows.pipeline import TAG_PIPELINE_ROOT, TAG_PIPELINE_RUN
+    from flows.pipeline import find_pipeline_run
 
     client = mlflow.MlflowClient(settings.mlflow_url)
     experiment = client.get_experiment_by_name(spec.name)
-    if experiment is None:
+    found = find_pipeline_run(client, experiment.experiment_id, run) if experiment is not None else None
+    if found is None:
         return None
-    found = client.search_runs(
-        [experiment.experiment_id],
-        f"tags.`{TAG_PIPELINE_RUN}` = '{run}' and tags.`{TAG_PIPELINE_ROOT}` = 'true'",
-        max_results=1,
-    )
-    if not found:
-        return None
-    info = found[0].info
-    return tracking.mlflow_run_url(settings, info.experiment_id, info.run_id), dict(found[0].data.metrics)
+    return tracking.mlflow_run_url(settings, found.info.experiment_id, found.info.run_id), dict(found.data.metrics)
 
 
 def run_on_cluster(spec_file: str, spec: PipelineSpec, run: str, *, detach: bool) -> None:
-    from argus.cli_pipeline import err_console
     from argus.k8s.cluster import Cluster, ClusterError
 
     try:
@@ -113,8 +104,6 @@ def run_on_cluster(spec_file: str, spec: PipelineSpec, run: str, *, detach: bool
 def _submit_and_follow(
     spec_file: str, spec: PipelineSpec, run: str, settings: StackSettings, where: str, *, detach: bool
 ) -> None:
-    from argus.cli_pipeline import console, err_console
-
     # Prefect, MLflow and boto3 in this process talk to the cluster's services from here on.
     os.environ.update(settings.client_env())
     from prefect.client.orchestration import get_client
@@ -160,7 +149,7 @@ def _submit_and_follow(
             console.print(f"detached: the run goes on in the cluster (cancel: prefect flow-run cancel {flow_run.id})")
             return
         state = _follow(client, flow_run.id, run)
-    if state.type.value != "COMPLETED":
+    if not state.is_completed():
         err_console.print(
             f"[red]error:[/] pipeline {run} {(state.name or '').lower()}: {state.message or 'no message'}",
             highlight=False,
@@ -179,17 +168,15 @@ def _submit_and_follow(
 
 def _follow(client: Any, flow_run_id: Any, run: str) -> Any:
     """Show the stages until the flow run ends; Ctrl-C stops watching, never the run."""
-    from argus.cli_pipeline import StageView, err_console
-
     view = StageView(flow_run_id, run)
     with view.shown():
         try:
             while True:
                 state = client.read_flow_run(flow_run_id).state
-                if state is not None and state.type.value in TERMINAL_TYPES:
+                if state is not None and state.is_final():
                     view.flow_state = state.name
                     return state
-                if state is not None and state.type.value in ("SCHEDULED", "PENDING"):
+                if state is not None and (state.is_scheduled() or state.is_pending()):
                     view.flow_state = f"{state.name}: waiting for the Kubernetes worker to start its pod"
                 else:
                     view.flow_state = state.name if state is not None else ""

@@ -39,7 +39,6 @@ err_console = Console(stderr=True)
 runs_app = typer.Typer(help="Pipeline runs recorded by Prefect.", no_args_is_help=True)
 serving_app = typer.Typer(help="Model serving: stable endpoints and vLLM deployments.", no_args_is_help=True)
 REPO = Path(__file__).resolve().parents[1]
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 COLOURS = {"COMPLETED": "green", "RUNNING": "yellow", "FAILED": "red", "CRASHED": "red", "CANCELLED": "red"}
 
 

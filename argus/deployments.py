@@ -13,8 +13,8 @@ import yaml
 
 # Pool name → worker type. The process pool is served by the local stack's worker; the Kubernetes
 # pool by a Prefect Kubernetes worker in the cluster (manifests/base/prefect).
-POOL_TYPES = {"argus-local": "process", "argus-kubernetes": "kubernetes"}
 KUBERNETES_POOL = "argus-kubernetes"
+POOL_TYPES = {"argus-local": "process", KUBERNETES_POOL: "kubernetes"}
 # Flow-run pods keep stage results on a shared volume: a re-run (another pod) finds them and resumes.
 FLOW_RESULTS_CLAIM = "argus-flow-results"
 FLOW_RESULTS_PATH = "/var/lib/argus/results"

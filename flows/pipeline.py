@@ -224,6 +224,16 @@ def train_sft(
 
 
 @task(name="mlflow-run", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
+def find_pipeline_run(client: Any, experiment_id: str, run_name: str) -> Any | None:
+    """The pipeline's own MLflow run for `run_name` (not one of its stages' runs), if there is one."""
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.`{TAG_PIPELINE_RUN}` = '{run_name}' and tags.`{TAG_PIPELINE_ROOT}` = 'true'",
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
 def pipeline_mlflow_run(spec: PipelineSpec, run_name: str, spec_uri: str) -> tuple[str, str]:
     """The pipeline's MLflow run (found again by run name on a re-run); the stages' runs nest under it."""
     import mlflow
@@ -231,14 +241,10 @@ def pipeline_mlflow_run(spec: PipelineSpec, run_name: str, spec_uri: str) -> tup
     settings = stack_settings()
     client = mlflow_client(settings)
     experiment_id = mlflow.set_experiment(spec.name).experiment_id
-    found = client.search_runs(
-        [experiment_id],
-        f"tags.`{TAG_PIPELINE_RUN}` = '{run_name}' and tags.`{TAG_PIPELINE_ROOT}` = 'true'",
-        max_results=1,
-    )
+    found = find_pipeline_run(client, experiment_id, run_name)
     links = flow_run_links(settings)
-    if found:
-        run_id = found[0].info.run_id
+    if found is not None:
+        run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
         tags = {

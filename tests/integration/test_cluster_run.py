@@ -8,6 +8,7 @@ state through the Prefect API the way the worker and the flow would."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import subprocess
 import sys
 import time
@@ -123,22 +124,14 @@ def test_port_forward_failures_carry_kubectls_reason(
         pass
 
 
-def _prefect(settings: StackSettings) -> Any:
+@contextlib.contextmanager
+def _prefect(settings: StackSettings) -> Iterator[Any]:
+    """A Prefect client for the stack's API (this process may have read other Prefect settings already)."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    class Session:
-        def __enter__(self) -> Any:
-            self._settings = temporary_settings(updates={PREFECT_API_URL: settings.prefect_url})
-            self._settings.__enter__()
-            self._client = get_client(sync_client=True)
-            return self._client.__enter__()
-
-        def __exit__(self, *exc: object) -> None:
-            self._client.__exit__(*exc)
-            self._settings.__exit__(*exc)
-
-    return Session()
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_url}), get_client(sync_client=True) as client:
+        yield client
 
 
 def _flow_run(settings: StackSettings, name: str, timeout_s: float = 120) -> Any:

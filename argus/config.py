@@ -178,6 +178,27 @@ class SFTSpec(TrainingJobSpec):
     grad_accum: int = Field(1, ge=1)
     max_seq_len: int = Field(4096, ge=16)
 
+    def deepspeed_config(self, *, cuda: bool, bf16_ok: bool) -> dict[str, Any]:
+        """The generated DeepSpeed config of this job: the trainer builds it for the device it finds, the
+        Kubernetes renderer for GPU pods (it becomes the job's ConfigMap). `deepspeed.config` replaces it."""
+        zero: dict[str, Any] = {"stage": self.deepspeed.zero_stage}
+        if self.deepspeed.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+        if self.deepspeed.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+        return {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": self.grad_accum,
+            "gradient_clipping": self.optim.max_grad_norm,
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.precision == "bf16" and bf16_ok},
+            "fp16": {"enabled": self.precision == "fp16" and cuda},
+            # AdamW from torch: the same optimizer with or without DeepSpeed, which the benchmark relies on.
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+
 
 class RewardSpec(StrictModel):
     """DeepEyesV2 reward: accuracy_weight * accuracy + format_weight * format."""
@@ -221,6 +242,20 @@ class SandboxSpec(StrictModel):
     idle_ttl_s: float = Field(600.0, gt=0)
     node_pool: str | None = None
 
+    def service_env(self) -> dict[str, str]:
+        """The code executor's settings (`SandboxSettings`, read from `ARGUS_SANDBOX_*`) for this spec: the
+        local backend and the ToolEnvironment operator start the service with exactly these."""
+        return {
+            "ARGUS_SANDBOX_RUNNER": self.runner,
+            "ARGUS_SANDBOX_TIMEOUT_S": str(self.timeout_s),
+            "ARGUS_SANDBOX_MEMORY_MB": str(self.memory_mb),
+            "ARGUS_SANDBOX_CPUS": str(self.cpus),
+            "ARGUS_SANDBOX_PIDS": str(self.pids),
+            "ARGUS_SANDBOX_MAX_SESSIONS": str(self.max_sessions),
+            "ARGUS_SANDBOX_WARM_POOL": str(self.warm_pool),
+            "ARGUS_SANDBOX_IDLE_TTL_S": str(self.idle_ttl_s),
+        }
+
 
 class SearchSpec(StrictModel):
     backend: Literal["offline", "serpapi", "brave"] = "offline"
@@ -237,6 +272,19 @@ class SearchSpec(StrictModel):
         if self.backend != "offline" and self.cache_mode != "replay" and not self.api_key_secret:
             raise ValueError(f"backend '{self.backend}' needs 'api_key_secret' unless cache_mode is replay")
         return self
+
+    def service_env(self) -> dict[str, str]:
+        """The search proxy's settings (`SearchSettings`, read from `ARGUS_SEARCH_*`) for this spec, as the
+        local backend and the ToolEnvironment operator start it. Where the cache and the index live, and
+        the API key file, are the starter's business (a local file, Redis and a mounted Secret)."""
+        env = {
+            "ARGUS_SEARCH_BACKEND": self.backend,
+            "ARGUS_SEARCH_CACHE_MODE": self.cache_mode,
+            "ARGUS_SEARCH_RATE_LIMIT_PER_S": str(self.rate_limit_per_s),
+        }
+        if self.budget_per_run:
+            env["ARGUS_SEARCH_BUDGET_PER_RUN"] = str(self.budget_per_run)
+        return env
 
 
 class JudgeSpec(StrictModel):
@@ -495,7 +543,8 @@ class StackSettings(BaseSettings):
         }
 
 
-def _repo_root() -> Path:
+def repo_root() -> Path:
+    """The checkout (or installed tree) Argus runs from: the virtualenvs and prefect.yaml live there."""
     return Path(__file__).resolve().parents[1]
 
 
@@ -533,7 +582,7 @@ class SandboxSettings(BaseSettings):
     runsc: str = "runsc"
     runsc_platform: str | None = Field(None, description="runsc --platform (default: runsc's own)")
     kernel_env: Path = Field(
-        default_factory=lambda: _repo_root() / ".venv-sandbox",
+        default_factory=lambda: repo_root() / ".venv-sandbox",
         description="virtualenv with numpy, PIL and matplotlib that kernels run in",
     )
 

@@ -1,19 +1,13 @@
 """The MLflow model registry as Argus uses it: versions whose `source` is an object-store URI,
-lineage tags, and aliases (`candidate`, `staging`, `production`, `previous-production`)."""
+lineage tags, and aliases (`candidate`, `staging`, `production`, `previous-production`; their names are in
+`argus.tracking`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from argus.config import StackSettings
-
-TAG_REGISTER_KEY = "argus.register.key"
-ALIAS_CANDIDATE = "candidate"
-ALIAS_STAGING = "staging"
-ALIAS_PRODUCTION = "production"
-ALIAS_PREVIOUS = "previous-production"
-TAG_SPEC_URI = "argus.spec.uri"
-TAG_DATA_ROOT = "argus.data.root"
+from argus.tracking import TAG_REGISTER_KEY
 
 
 def _client(settings: StackSettings) -> Any:

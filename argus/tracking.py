@@ -1,21 +1,83 @@
-"""MLflow conventions shared by flows and trainers: tag names and links between MLflow and Prefect."""
+"""The MLflow vocabulary of Argus: every tag and alias name, links between MLflow and Prefect, and the
+tracker a training job writes its run with.
+
+Runs, model versions and the registry are searched by these names (`argus runs`, promotion, the cluster
+CLI), so they live here once; a module that writes or reads a tag imports its name from here.
+"""
 
 from __future__ import annotations
 
-from argus.config import StackSettings
+from typing import Any
 
+from argus.config import StackSettings, repo_root
+
+# -- runs: what made them ------------------------------------------------------------------------------
 TAG_PREFECT_FLOW_RUN_ID = "argus.prefect.flow_run_id"
 TAG_PREFECT_FLOW_RUN_URL = "argus.prefect.flow_run_url"
 TAG_SPEC_NAME = "argus.spec.name"
 TAG_SPEC_FILE = "argus.spec.file"
 TAG_JOB_NAME = "argus.job.name"
+TAG_CODE_VERSION = "argus.code_version"
+TAG_PIPELINE_RUN = "argus.pipeline.run"
+TAG_PIPELINE_ROOT = "argus.pipeline.root"  # marks the pipeline's own MLflow run among its stages' runs
+TAG_PIPELINE_FLOW_RUN_ID = "argus.pipeline.flow_run_id"
+TAG_DATA_PREFIX = "argus.data."  # + a data hash name (sft, eval, rl, manifest, search_index)
+
+# -- training runs -------------------------------------------------------------------------------------
+TAG_STAGE = "argus.stage"
+TAG_DATASET_URI = "argus.dataset.uri"
+TAG_DATASET_SHA256 = "argus.dataset.sha256"
+TAG_BASE_MODEL_URI = "argus.base_model.uri"
+TAG_NODE_POOL = "argus.node_pool"
+TAG_EXPORT_URI = "argus.export.uri"
+
+# -- evaluation runs -----------------------------------------------------------------------------------
+TAG_EVAL_BASELINE = "argus.eval.baseline"
+TAG_EVAL_MODEL_URI = "argus.eval.model_uri"
+TAG_EVAL_MODEL_FINGERPRINT = "argus.eval.model_fingerprint"
+TAG_EVAL_SUITE = "argus.eval.suite"
+
+# -- registered model versions -------------------------------------------------------------------------
+TAG_REGISTER_KEY = "argus.register.key"
+TAG_SPEC_URI = "argus.spec.uri"
+TAG_DATA_ROOT = "argus.data.root"
+TAG_SFT_RUN_ID = "argus.sft.mlflow_run_id"
+TAG_PRODUCTION_REJECTED = "argus.production.rejected"
+
+ALIAS_CANDIDATE = "candidate"
+ALIAS_STAGING = "staging"
+ALIAS_PRODUCTION = "production"
+ALIAS_PREVIOUS = "previous-production"
+
+
+def eval_run_tag(label: str) -> str:
+    """The MLflow run of an evaluation (`base`, `sft`), on a model version."""
+    return f"argus.eval.{label}.mlflow_run_id"
+
+
+def eval_metric_tag(label: str, family: str, metric: str) -> str:
+    return f"eval.{label}.{family}.{metric}"
+
+
+def stage_tag(stage: str, key: str) -> str:
+    """What a promotion stage (`staging`, `production`) recorded on a model version."""
+    return f"argus.{stage}.{key}"
+
+
+def find_pipeline_run(client: Any, experiment_id: str, run_name: str) -> Any | None:
+    """The pipeline's own MLflow run for `run_name` (not one of its stages' runs), if there is one."""
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.`{TAG_PIPELINE_RUN}` = '{run_name}' and tags.`{TAG_PIPELINE_ROOT}` = 'true'",
+        max_results=1,
+    )
+    return found[0] if found else None
 
 
 def code_version() -> str:
     """The commit this code came from (`ARGUS_CODE_VERSION` in images, git in a checkout)."""
     import os
     import subprocess
-    from pathlib import Path
 
     from argus import __version__
 
@@ -23,9 +85,7 @@ def code_version() -> str:
         return os.environ["ARGUS_CODE_VERSION"]
 
     def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["git", *args], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=5
-        )
+        return subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=5)
 
     try:
         out = git("rev-parse", "--short=12", "HEAD")

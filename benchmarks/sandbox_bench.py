@@ -30,7 +30,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from argus.procs import free_port, wait_until  # noqa: E402
+from argus.supervision import free_port, wait_until  # noqa: E402
 
 TRIVIAL = "1 + 1"
 

@@ -28,8 +28,8 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from argus.procs import free_port, wait_until  # noqa: E402
-from services.search.index import OfflineIndex, build_index  # noqa: E402
+from argus.data.search_index import OfflineIndex, build_index  # noqa: E402
+from argus.supervision import free_port, wait_until  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:

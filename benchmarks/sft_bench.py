@@ -26,9 +26,9 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from argus.backends.local.launch import TrainingRun, pytorchjob_env  # noqa: E402
 from argus.config import SFTJobConfig, StackSettings  # noqa: E402
-from argus.launch import TrainingRun, pytorchjob_env  # noqa: E402
-from argus.procs import free_port  # noqa: E402
+from argus.supervision import free_port  # noqa: E402
 
 
 def steady_tokens_per_s(steps: list[dict[str, Any]], pauses: list[float]) -> float:

@@ -25,6 +25,11 @@ class DataRef(BaseModel):
     generated: bool = False
     work_s: float = 0.0
 
+    @property
+    def data_root(self) -> str:
+        """The prefix holding `eval/` and `search/` (the generated root, or where the spec's eval split is)."""
+        return self.root or self.eval.rsplit("/eval/", 1)[0]
+
 
 class SFTResult(BaseModel):
     job_name: str
@@ -98,3 +103,18 @@ class PipelineResult(BaseModel):
     @property
     def overhead_s(self) -> float:
         return max(0.0, self.wall_s - sum(s.work_s for s in self.stages if not s.cached))
+
+    @property
+    def evaluations(self) -> dict[str, EvalReport]:
+        return {"base": self.base_eval, "sft": self.sft_eval}
+
+    def final_metrics(self) -> dict[str, float]:
+        """What the pipeline's MLflow run records when it finishes."""
+        final = {
+            f"{label}.{family}.{metric}": report.value(metric, family)
+            for label, report in self.evaluations.items()
+            for family in report.metrics
+            for metric in ("accuracy", "format_rate")
+        }
+        final["registered_version"] = float(self.registered.version)
+        return final

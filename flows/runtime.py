@@ -21,7 +21,7 @@ def stack_settings() -> StackSettings:
     return StackSettings.for_workload()
 
 
-def backend(kind: str, settings: StackSettings, spec: PipelineSpec | None = None) -> Backend:
+def make_backend(kind: str, settings: StackSettings, spec: PipelineSpec | None = None) -> Backend:
     """The spec's backend; the Kubernetes one needs the spec itself (namespace, images, node pools)."""
     return get_backend(kind, settings, spec)
 
@@ -60,8 +60,7 @@ def transient(_task: Any, _task_run: Any, state: Any) -> bool:
     import requests
     from mlflow.exceptions import MlflowException
 
-    from argus.backends.base import BackendError
-    from argus.toolenv import ToolEnvError
+    from argus.backends.base import BackendError, ToolsUnavailable
 
     try:
         state.result()
@@ -72,7 +71,7 @@ def transient(_task: Any, _task_run: Any, state: Any) -> bool:
         requests.ConnectionError,
         ConnectionError,
         TimeoutError,
-        ToolEnvError,
+        ToolsUnavailable,
     ):
         return True
     except MlflowException as exc:

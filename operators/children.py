@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from argus.backends.kubernetes.crds import ModelServingSpec, ToolEnvironmentSpec
+from argus.backends.kubernetes.render import resource_requirements
 from argus.config import NodePool, Resources
-from argus.k8s.crds import ModelServingSpec, ToolEnvironmentSpec
-from argus.k8s.render import resource_requirements
 
 SANDBOX_PORT = 8080
 SEARCH_PORT = 8090
@@ -86,16 +86,7 @@ def tool_environment_children(name: str, spec: ToolEnvironmentSpec) -> list[dict
                 # The pod is the gVisor sandbox: inside it, sessions are plain processes.
                 "args": ["--runner", "process"],
                 "ports": [{"name": "http", "containerPort": SANDBOX_PORT}],
-                "env": _env(
-                    {
-                        "ARGUS_SANDBOX_MAX_SESSIONS": str(sb.max_sessions),
-                        "ARGUS_SANDBOX_WARM_POOL": str(sb.warm_pool),
-                        "ARGUS_SANDBOX_MEMORY_MB": str(sb.memory_mb),
-                        "ARGUS_SANDBOX_TIMEOUT_S": str(sb.timeout_s),
-                        "ARGUS_SANDBOX_IDLE_TTL_S": str(sb.idle_ttl_s),
-                        "ARGUS_SANDBOX_PIDS": str(sb.pids),
-                    }
-                ),
+                "env": _env({**sb.service_env(), "ARGUS_SANDBOX_RUNNER": "process"}),
                 "readinessProbe": _probe("http", "/healthz"),
                 "livenessProbe": {**_probe("http", "/healthz"), "periodSeconds": 20},
                 "securityContext": _RESTRICTED,
@@ -111,12 +102,9 @@ def tool_environment_children(name: str, spec: ToolEnvironmentSpec) -> list[dict
         ],
     }
     search_env: dict[str, str | None] = {
-        "ARGUS_SEARCH_BACKEND": se.backend,
-        "ARGUS_SEARCH_CACHE_MODE": se.cache_mode,
+        **se.service_env(),
         "ARGUS_SEARCH_CACHE_STORE": "redis",
         "ARGUS_SEARCH_REDIS_URL": f"redis://{name}-search-redis:6379/0",
-        "ARGUS_SEARCH_RATE_LIMIT_PER_S": str(se.rate_limit_per_s),
-        "ARGUS_SEARCH_BUDGET_PER_RUN": str(se.budget_per_run) if se.budget_per_run else None,
         "ARGUS_SEARCH_API_KEY_FILE": "/var/run/secrets/argus-search/api-key" if se.api_key_secret else None,
     }
     search_container: dict[str, Any] = {

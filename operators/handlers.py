@@ -20,7 +20,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from argus.k8s.crds import GROUP, VERSION, ModelServingSpec, ToolEnvironmentSpec
+from argus.backends.kubernetes.crds import GROUP, VERSION, ModelServingSpec, ToolEnvironmentSpec
 from operators.children import (
     SANDBOX_PORT,
     SEARCH_PORT,

@@ -95,7 +95,7 @@ PY
 fi
 
 # DeepSpeed JIT-builds its CPU ops on first use (30-90 s). Build them once, into the virtualenv whose
-# torch they link against (argus.launch.torch_extensions_dir), so no training job builds them.
+# torch they link against (argus.backends.local.launch.torch_extensions_dir), so no training job builds them.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$MAIN_VENV/torch_extensions}"
 if ! ls "$TORCH_EXTENSIONS_DIR"/deepspeed_shm_comm/*.so "$TORCH_EXTENSIONS_DIR"/cpu_adam/*.so >/dev/null 2>&1; then
   say "building DeepSpeed's CPU ops: communication, Adam for ZeRO-Offload (once per machine)"

@@ -8,10 +8,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from argus.procs import free_port
+from argus.supervision import free_port
+
+if TYPE_CHECKING:
+    from argus.config import StackSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,12 +128,20 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def s3_endpoint(root: Path) -> Iterator[object]:
     """A local S3 endpoint (the durable moto server) with Argus' buckets; yields its StackSettings."""
     from argus.config import StackSettings
-    from argus.procs import wait_until
     from argus.storage import ensure_buckets, s3_healthy
+    from argus.supervision import wait_until
 
     stack = StackSettings(home=root, s3_port=free_port())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "argus.s3server", "--port", str(stack.s3_port), "--data-dir", str(root / "s3-data")],
+        [
+            sys.executable,
+            "-m",
+            "argus.stack.s3server",
+            "--port",
+            str(stack.s3_port),
+            "--data-dir",
+            str(root / "s3-data"),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -140,3 +152,12 @@ def s3_endpoint(root: Path) -> Iterator[object]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def local_tools(settings: StackSettings) -> Any:
+    """The data generator's tools, started by a local backend (as `argus data generate` does)."""
+    import functools
+
+    from argus.backends.local.backend import LocalBackend
+
+    return functools.partial(LocalBackend(settings).tool_environment, "gold")

@@ -8,17 +8,16 @@ flow never knows which one it drives (the pattern of kubeflow/sdk's `backends/{k
 
 from __future__ import annotations
 
-import json
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from argus.config import DNS_LABEL, Resources, ServingTarget, ToolsSpec
-
-PROGRESS_PREFIX = "ARGUS "
+from argus.events import Event
 
 
 class JobState(StrEnum):
@@ -55,17 +54,13 @@ class TrainingJob(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
-# A progress event a trainer prints as `ARGUS {json}`: start, step, checkpoint, resumed, exported.
-JobEvent = dict[str, Any]
-
-
 class JobResult(BaseModel):
     name: str
     state: JobState
     restarts: int = 0
     message: str = ""
     log_tail: str = ""
-    events: list[JobEvent] = Field(default_factory=list, description="the start and last events seen")
+    events: list[Event] = Field(default_factory=list, description="the last event of each kind seen")
 
     @property
     def succeeded(self) -> bool:
@@ -77,8 +72,9 @@ class ToolEndpoints(BaseModel):
     search_url: str
 
 
-class ServingEndpoint(BaseModel):
-    """One model server (a vLLM process locally, a Deployment on a cluster)."""
+class ModelServer(BaseModel):
+    """One model server, a *deployment* (a vLLM process locally, a ModelServing on a cluster). Clients of
+    a served model use its `StableEndpoint`; evaluations and smoke tests talk to a server directly."""
 
     name: str
     model_uri: str
@@ -101,15 +97,8 @@ class BackendError(RuntimeError):
     pass
 
 
-def parse_progress(line: str) -> JobEvent | None:
-    start = line.find(PROGRESS_PREFIX + "{")
-    if start < 0:
-        return None
-    try:
-        data = json.loads(line[start + len(PROGRESS_PREFIX) :])
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) and "event" in data else None
+class ToolsUnavailable(RuntimeError):
+    """A tool service did not come up (it exited, or was not healthy in time): a retry may fix it."""
 
 
 class Backend(ABC):
@@ -124,7 +113,7 @@ class Backend(ABC):
         """Start the job (a job of that name that already finished is replaced)."""
 
     @abstractmethod
-    def follow(self, name: str, on_event: Callable[[JobEvent], None]) -> JobResult:
+    def follow(self, name: str, on_event: Callable[[Event], None]) -> JobResult:
         """Block until the job reaches Succeeded or Failed, passing each progress event on."""
 
     @abstractmethod
@@ -134,7 +123,11 @@ class Backend(ABC):
     @abstractmethod
     def logs(self, name: str, lines: int = 50) -> str: ...
 
-    def run(self, job: TrainingJob, on_event: Callable[[JobEvent], None] = lambda _e: None) -> JobResult:
+    @abstractmethod
+    def log_location(self, name: str) -> str:
+        """Where a person reads the job's whole log (a file here, a `kubectl logs` command on a cluster)."""
+
+    def run(self, job: TrainingJob, on_event: Callable[[Event], None] = lambda _e: None) -> JobResult:
         """Submit and follow; an interrupted follow (a cancelled flow, Ctrl-C) cancels the job."""
         self.submit(job)
         try:
@@ -153,12 +146,21 @@ class Backend(ABC):
     @abstractmethod
     def tools_down(self, name: str) -> None: ...
 
+    @contextlib.contextmanager
+    def tool_environment(self, name: str, tools: ToolsSpec, search_data_uri: str) -> Iterator[ToolEndpoints]:
+        """`tools_up` for as long as the block runs, then `tools_down`, whatever the block raised."""
+        endpoints = self.tools_up(name, tools, search_data_uri)
+        try:
+            yield endpoints
+        finally:
+            self.tools_down(name)
+
     # -- serving ----------------------------------------------------------------------------------
 
     @abstractmethod
     def deploy(
         self, name: str, model_uri: str, target: ServingTarget, served_name: str, *, keep: bool = False
-    ) -> ServingEndpoint:
+    ) -> ModelServer:
         """Start a vLLM server for the model and return once `/health` and `/v1/models` answer.
         `keep`: the server outlives this backend object (serving), else `close()` stops it."""
 
@@ -166,16 +168,24 @@ class Backend(ABC):
     def remove(self, name: str) -> None: ...
 
     @abstractmethod
-    def deployments(self) -> list[ServingEndpoint]:
+    def deployments(self) -> list[ModelServer]:
         """Kept serving deployments that exist now."""
 
     @abstractmethod
-    def switch(self, endpoint: str, to: ServingEndpoint) -> StableEndpoint:
+    def switch(self, endpoint: str, to: ModelServer) -> StableEndpoint:
         """Route the stable endpoint to `to` without dropping a request; returns once new requests reach
         `to` and every request in flight on the old route has finished (the old deployment may go)."""
 
     @abstractmethod
     def endpoint(self, name: str) -> StableEndpoint | None: ...
+
+    @abstractmethod
+    def endpoints(self) -> list[StableEndpoint]:
+        """Every stable endpoint that exists now."""
+
+    @abstractmethod
+    def stop_serving(self) -> list[str]:
+        """Stop every stable endpoint and kept deployment (`argus serving down`); returns what it stopped."""
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ Layout under the output URI (a local directory or an s3:// prefix):
 
 SFT trajectories are produced by playing the gold turns through the real code executor and search
 proxy, so every observation is what a rollout would see; a gold trajectory that does not reach reward
-1.0 stops the generation (it would teach the model a wrong answer).
+1.0 stops the generation (it would teach the model a wrong answer). The caller brings the tools up
+(`tools`: a backend's `tool_environment`), over the offline index this module has just written.
 """
 
 from __future__ import annotations
@@ -24,16 +25,27 @@ import json
 import tempfile
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from argus.agent.env import AgentEnv, ScriptedPolicy, ToolClients, Trajectory
-from argus.config import StackSettings
+from argus.config import SandboxSpec, StackSettings, ToolsSpec
 from argus.data import formats
+from argus.data.search_index import build_index
 from argus.data.tasks import MiniTask, Suite, build_suite
 from argus.storage import join_uri, write_uri
-from argus.toolenv import LocalToolEnvironment
+
+
+class ToolUrls(Protocol):
+    sandbox_url: str
+    search_url: str
+
+
+# (what to run, the directory holding the offline index) -> the running tools, for as long as the block
+# runs: `functools.partial(backend.tool_environment, name)` is one.
+ToolsUp = Callable[[ToolsSpec, str], AbstractContextManager[ToolUrls]]
 
 
 class GenerationError(RuntimeError):
@@ -48,8 +60,6 @@ class GenerateResult:
 
 def write_search_corpus(suite: Suite, root: Path) -> Path:
     """Corpus files and the offline index in a local directory; returns the index path."""
-    from services.search.index import build_index
-
     (root / "images").mkdir(parents=True, exist_ok=True)
     docs = [e.document() for e in suite.entities]
     (root / "corpus.jsonl").write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in docs))
@@ -105,6 +115,7 @@ async def run_gold(
 def generate(
     out: str,
     *,
+    tools: ToolsUp,
     seed: int = 0,
     sft_size: int = 200,
     rl_size: int = 200,
@@ -112,8 +123,7 @@ def generate(
     # The gold trajectories run Argus's own scripted solutions, not model output, so they need no
     # gVisor: the process runner writes the same files (all 453 of the quickstart suite hash the same)
     # in 30 s instead of 86 s on 2 cores. Rollouts and evaluations keep the spec's runner.
-    runner: str = "process",
-    workdir: Path | None = None,
+    runner: Literal["gvisor", "process"] = "process",
     stack: StackSettings | None = None,
     on_progress: Callable[[str, int, int], None] = lambda _s, _i, _n: None,
 ) -> GenerateResult:
@@ -121,8 +131,8 @@ def generate(
     with tempfile.TemporaryDirectory(prefix="argus-data-") as tmp:
         staging = Path(tmp) / "out"
         index = write_search_corpus(suite, staging / "search")
-        tool_dir = workdir or Path(tmp) / "tools"
-        with LocalToolEnvironment(tool_dir, index_path=index, runner=runner, warm_pool=6) as endpoints:
+        gold_tools = ToolsSpec(sandbox=SandboxSpec(runner=runner, warm_pool=6))
+        with tools(gold_tools, str(index.parent)) as endpoints:
 
             async def go() -> list[Trajectory]:
                 tools = ToolClients(endpoints.sandbox_url, endpoints.search_url, run_id=f"generate-{seed}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from argus.config import SandboxSettings
+from argus.supervision import die_with_parent
 
 log = logging.getLogger("argus.sandbox")
 
@@ -35,12 +35,6 @@ KERNEL_DIR = Path(__file__).with_name("kernel")
 KERNEL_PY = KERNEL_DIR / "kernel.py"
 # Replies carry base64 images; one line may be large.
 STREAM_LIMIT = 256 << 20
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the service dies, so no sandbox outlives it."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class KernelDied(RuntimeError):
@@ -398,7 +392,7 @@ class ProcessRunner(Runner):
         self.state_dir.mkdir(parents=True, exist_ok=True)
 
     def _limits(self) -> None:
-        _die_with_parent()
+        die_with_parent()  # in the child before exec: no sandbox outlives the service
         mem = self.settings.memory_mb << 20
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

@@ -17,10 +17,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from argus.config import SearchSettings
+from argus.data.search_index import image_phash
 from services.search import models as m
 from services.search.backends import SearchBackend, Unsupported, UpstreamError, make_backend
 from services.search.cache import CacheStore, RedisStore, make_store
-from services.search.index import image_phash
 from services.search.metrics import SearchMetrics
 from services.search.proxy import BudgetExceeded, ReplayMiss, SearchProxy, decode_image
 from services.search.render import render_images, render_web, retrieval_contents

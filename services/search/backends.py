@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from argus.config import SearchSettings
-from services.search.index import OfflineIndex
+from argus.data.search_index import OfflineIndex
 from services.search.models import ImageResult, WebResult
 
 log = logging.getLogger("argus.search")

@@ -14,9 +14,10 @@ from argus.agent import prompts
 from argus.agent.env import AgentEnv, ScriptedPolicy, ToolClients, Trajectory
 from argus.agent.reward import Judge, format_check, score
 from argus.agent.task import Task
+from argus.backends.local.tools import LocalToolEnvironment, ToolEndpoints
+from argus.config import SandboxSpec
 from argus.data.generate import run_gold, write_search_corpus
 from argus.data.tasks import MiniTask, Suite, build_suite
-from argus.toolenv import LocalToolEnvironment, ToolEndpoints
 from tests.conftest import serve_app
 
 pytestmark = pytest.mark.integration
@@ -31,7 +32,9 @@ def suite() -> Suite:
 def tools_env(suite: Suite, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToolEndpoints]:
     root = tmp_path_factory.mktemp("agent")
     index = write_search_corpus(suite, root / "search")
-    with LocalToolEnvironment(root / "tools", index_path=index, runner="gvisor", warm_pool=4) as endpoints:
+    with LocalToolEnvironment(
+        root / "tools", index_path=index, sandbox=SandboxSpec(runner="gvisor", warm_pool=4)
+    ) as endpoints:
         yield endpoints
 
 

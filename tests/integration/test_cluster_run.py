@@ -20,8 +20,8 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
+from argus.backends.kubernetes.cluster import Cluster, ClusterError
 from argus.config import StackSettings
-from argus.k8s.cluster import Cluster, ClusterError
 from argus.specfile import load_spec
 from tests.conftest import REPO, Cli
 from tests.integration.test_k8s_backend import NS, RESOURCES, Emulator

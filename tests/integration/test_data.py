@@ -175,9 +175,10 @@ def test_generate_is_deterministic_and_complete(tmp_path: Path, cli: Cli) -> Non
 
 def test_generate_to_s3(tmp_path: Path, s3: StackSettings) -> None:
     from argus.data.generate import generate
+    from tests.conftest import local_tools
 
     out = f"s3://{s3.bucket_data}/mini-seed-9"
-    result = generate(out, seed=9, sft_size=4, rl_size=4, eval_size=4, runner="process", stack=s3)
+    result = generate(out, tools=local_tools(s3), seed=9, sft_size=4, rl_size=4, eval_size=4, stack=s3)
     local = download_dir(out, tmp_path / "copy", s3)
     assert json.loads((local / "manifest.json").read_text()) == result.manifest
     assert len(formats.read_sharegpt(f"{out}/sft/sft.json", settings=s3)) == 4

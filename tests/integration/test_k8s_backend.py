@@ -18,10 +18,10 @@ import pytest
 from kubernetes import client as k8s
 
 from argus.backends.base import JobState
-from argus.backends.kubernetes import KubernetesBackend
+from argus.backends.jobs import sft_job
+from argus.backends.kubernetes.backend import KubernetesBackend
+from argus.backends.kubernetes.render import CLUSTER_SETTINGS
 from argus.config import PipelineSpec
-from argus.jobs import sft_job
-from argus.k8s.render import CLUSTER_SETTINGS
 from argus.specfile import load_spec
 
 pytestmark = pytest.mark.integration

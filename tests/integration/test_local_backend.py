@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from argus.backends.base import JobState, TrainingJob, parse_progress
-from argus.backends.local import LocalBackend
+from argus import events
+from argus.backends.base import JobState, TrainingJob
+from argus.backends.local.backend import LocalBackend
 from argus.config import StackSettings
 
 pytestmark = pytest.mark.integration
@@ -22,11 +24,12 @@ def job(name: str, **config: object) -> TrainingJob:
     return TrainingJob(name=name, module="tests.programs.env_probe", config=dict(config), nproc_per_node=2)
 
 
-def test_job_gets_the_pytorchjob_env_and_succeeds(backend: LocalBackend) -> None:
-    events: list[dict[str, object]] = []
-    result = backend.run(job("probe"), events.append)
+def test_job_gets_the_pytorchjob_env_and_succeeds(backend: LocalBackend, tmp_path: Path) -> None:
+    seen: list[events.Event] = []
+    result = backend.run(job("probe", report=str(tmp_path / "env.json")), seen.append)
     assert result.state is JobState.SUCCEEDED and result.restarts == 0
-    env = next(e for e in events if e["event"] == "start")["env"]
+    assert [e.event for e in seen] == ["start", "exported"]
+    env = json.loads((tmp_path / "env.json").read_text())
     assert isinstance(env, dict)
     assert env["WORLD_SIZE"] == "2" and env["PET_NPROC_PER_NODE"] == "2" and env["RANK"] == "0"
     assert env["MASTER_ADDR"] == "127.0.0.1" and env["LOCAL_RANK"] == "0"
@@ -36,10 +39,10 @@ def test_job_gets_the_pytorchjob_env_and_succeeds(backend: LocalBackend) -> None
 
 def test_failed_job_restarts_up_to_its_backoff_limit(backend: LocalBackend, tmp_path: Path) -> None:
     flaky = job("flaky", marker=str(tmp_path / "marker")).model_copy(update={"backoff_limit": 1})
-    events: list[dict[str, object]] = []
-    result = backend.run(flaky, events.append)
+    seen: list[events.Event] = []
+    result = backend.run(flaky, seen.append)
     assert result.state is JobState.SUCCEEDED and result.restarts == 1
-    assert [e["event"] for e in events if e["event"] == "restarting"] == ["restarting"]
+    assert [e.event for e in seen if e.event == "restarting"] == ["restarting"]
 
     failing = job("failing", exit_code=5)
     result = backend.run(failing)
@@ -54,10 +57,15 @@ def test_deadline_stops_the_job(backend: LocalBackend) -> None:
 
 
 def test_progress_lines_parse() -> None:
-    assert parse_progress('rank0: ARGUS {"event": "step", "step": 3}') == {"event": "step", "step": 3}
-    assert parse_progress("ARGUS {not json") is None
-    assert parse_progress('ARGUS {"no_event": 1}') is None
-    assert parse_progress("plain log line") is None
+    line = 'rank0: ARGUS {"event": "step", "step": 3, "total": 10, "loss": 0.5, "time": 1.0}'
+    assert events.parse(line) == events.Step(step=3, total=10, loss=0.5, time=1.0)
+    assert events.parse(events.line(events.Exported(uri="s3://m/x", step=4, time=2.0))) == events.Exported(
+        uri="s3://m/x", step=4, time=2.0
+    )
+    assert events.parse("ARGUS {not json") is None
+    assert events.parse('ARGUS {"no_event": 1}') is None
+    assert events.parse('ARGUS {"event": "step", "step": "three"}') is None  # a malformed event is no event
+    assert events.parse("plain log line") is None
 
 
 def test_job_names_are_dns_labels() -> None:
@@ -76,7 +84,7 @@ def test_sigkilled_owner_leaves_no_job_behind(tmp_path: Path) -> None:
 
     import psutil
 
-    from argus import lifeline, procs
+    from argus import supervision
     from tests.conftest import REPO
 
     owner = subprocess.Popen(
@@ -84,21 +92,21 @@ def test_sigkilled_owner_leaves_no_job_behind(tmp_path: Path) -> None:
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
-        env={k: v for k, v in os.environ.items() if k != lifeline.OWNER_ENV},
+        env={k: v for k, v in os.environ.items() if k != supervision.OWNER_ENV},
     )
     kept = None
     try:
         assert owner.stdout is not None
         kept = psutil.Process(json.loads(owner.stdout.readline())["kept"])
-        token = lifeline.token_of(owner.pid)
-        trainers = lifeline.owned_by(token)
+        token = supervision.token_of(owner.pid)
+        trainers = supervision.owned_by(token)
         assert {"torch.distributed.run", "tests.programs.env_probe"} <= {
             part for p in trainers for part in p.cmdline()
         }, [p.cmdline() for p in trainers]
         owner.send_signal(signal.SIGKILL)
         owner.wait()
-        assert procs.wait_until(lambda: not lifeline.owned_by(token), timeout_s=60), [
-            p.cmdline() for p in lifeline.owned_by(token)
+        assert supervision.wait_until(lambda: not supervision.owned_by(token), timeout_s=60), [
+            p.cmdline() for p in supervision.owned_by(token)
         ]
         assert kept.is_running()
     finally:

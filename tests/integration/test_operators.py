@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from argus.k8s.render import model_serving, tool_environment
+from argus.backends.kubernetes.render import model_serving, tool_environment
 from argus.specfile import load_spec
 from tests.integration.test_k8s_backend import NS, Emulator, clients, wait_for
 
@@ -35,7 +35,7 @@ def cluster(tmp_path: Path) -> Iterator[Emulator]:
     process of its own (its log is in the failure message of a test that times out)."""
     import httpx
 
-    from argus.procs import free_port, wait_until
+    from argus.supervision import free_port, wait_until
 
     emu = Emulator()
     emu.register(CHILD_RESOURCES)

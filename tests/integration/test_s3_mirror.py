@@ -13,8 +13,8 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 
 from argus.config import StackSettings
-from argus.procs import free_port, wait_until
 from argus.storage import S3Uri, ensure_buckets, s3_client, s3_healthy
+from argus.supervision import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,15 @@ class S3Server:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "argus.s3server", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+                [
+                    sys.executable,
+                    "-m",
+                    "argus.stack.s3server",
+                    "--port",
+                    str(self.port),
+                    "--data-dir",
+                    str(self.data_dir),
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

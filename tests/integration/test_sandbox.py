@@ -21,7 +21,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from argus.procs import free_port, wait_until
+from argus.supervision import free_port, wait_until
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration

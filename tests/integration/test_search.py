@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image, ImageDraw
 
 from argus.config import SearchSettings, StackSettings
+from argus.data.search_index import CorpusError, build_index
 from services.search.app import create_app
 from services.search.cache import SQLiteStore, cache_key, export_snapshot, import_snapshot, normalize_query
-from services.search.index import CorpusError, build_index
 from services.search.limits import TokenBucket
 from tests.conftest import Cli, s3_endpoint, serve_app
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
+from argus import events
+from argus.backends.local.launch import TrainingRun
 from argus.config import SFTJobConfig, StackSettings
-from argus.launch import TrainingRun
-from argus.procs import free_port
+from argus.supervision import free_port
 from tests.conftest import REPO, Cli
 from trainers.checkpoint import CheckpointStore
 
@@ -58,9 +59,17 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tiny Qwen2.5-VL and a small generated SFT split whose trajectories carry images."""
     from argus.data.generate import generate
     from argus.models.tiny import init_tiny
+    from tests.conftest import local_tools
 
     root = tmp_path_factory.mktemp("sft-assets")
-    generate(str(root / "data"), seed=21, sft_size=16, rl_size=4, eval_size=4, runner="process")
+    generate(
+        str(root / "data"),
+        tools=local_tools(StackSettings(home=root / "home")),
+        seed=21,
+        sft_size=16,
+        rl_size=4,
+        eval_size=4,
+    )
     init_tiny("qwen2_5_vl", str(root / "tiny-vl"), seed=0)
     return {"data": str(root / "data" / "sft" / "sft.json"), "model": str(root / "tiny-vl")}
 
@@ -101,8 +110,8 @@ def start(cfg: SFTJobConfig, stack: StackSettings, tmp: Path, nproc: int = 2) ->
     return run
 
 
-def losses(events: list[dict[str, Any]]) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in events if e["event"] == "step"}
+def losses(seen: list[events.Event]) -> dict[int, float]:
+    return {e.step: e.loss for e in seen if isinstance(e, events.Step)}
 
 
 def test_zero2_vl_training_resumes_exactly_after_a_kill(
@@ -111,7 +120,7 @@ def test_zero2_vl_training_resumes_exactly_after_a_kill(
     import mlflow
 
     # The uninterrupted reference run.
-    ref_events: list[dict[str, Any]] = []
+    ref_events: list[events.Event] = []
     ref = start(job("ref", assets, stack), stack, tmp_path)
     assert ref.wait(ref_events.append) == 0, ref.log_path.read_text()[-3000:]
     ref_losses = losses(ref_events)
@@ -120,10 +129,10 @@ def test_zero2_vl_training_resumes_exactly_after_a_kill(
 
     # The same job killed mid-run: freeze the whole torchrun tree (SIGSTOP) as soon as a checkpoint is
     # committed, note the newest complete checkpoint, then SIGKILL it, as a preemption would.
-    first: list[dict[str, Any]] = []
+    first: list[events.Event] = []
     killed = start(job("killed", assets, stack), stack, tmp_path)
     deadline = time.monotonic() + 600
-    while not any(e["event"] == "checkpoint" for e in first):
+    while not any(e.event == "checkpoint" for e in first):
         assert time.monotonic() < deadline and killed.popen is not None and killed.popen.poll() is None, (
             killed.log_path.read_text()[-3000:]
         )
@@ -141,18 +150,18 @@ def test_zero2_vl_training_resumes_exactly_after_a_kill(
     killed.popen.wait()
     psutil.wait_procs(tree, timeout=30)
     assert latest is not None and latest.step in (4, 8)
-    run_id = next(e["mlflow_run_id"] for e in first if e["event"] == "start")
+    run_id = next(e.mlflow_run_id for e in first if isinstance(e, events.Start))
 
-    second: list[dict[str, Any]] = []
+    second: list[events.Event] = []
     again = start(job("killed", assets, stack), stack, tmp_path)
     assert again.wait(second.append) == 0, again.log_path.read_text()[-3000:]
-    resumed = next(e for e in second if e["event"] == "resumed")
-    assert resumed["step"] == latest.step and resumed["checkpoint"].endswith(f"/step-{latest.step:08d}")
+    resumed = next(e for e in second if isinstance(e, events.Resumed))
+    assert resumed.step == latest.step and resumed.checkpoint.endswith(f"/step-{latest.step:08d}")
     after = losses(second)
     assert sorted(after) == list(range(latest.step + 1, 13))  # continues, does not start over
     for step_no in after:
         assert after[step_no] == pytest.approx(ref_losses[step_no], rel=1e-6, abs=1e-7), step_no
-    assert next(e for e in second if e["event"] == "start")["mlflow_run_id"] == run_id  # the same MLflow run
+    assert next(e for e in second if isinstance(e, events.Start)).mlflow_run_id == run_id  # the same MLflow run
 
     # MLflow: metrics, params and lineage tags on the real server.
     client = mlflow.MlflowClient(tracking_uri=stack.mlflow_url)
@@ -260,10 +269,10 @@ def test_zero3_text_model_trains_checkpoints_and_exports(
         deepspeed={"zero_stage": 3, "offload_optimizer": offload},
         checkpoint={"every_steps": 1, "keep_last": 1},
     )
-    events: list[dict[str, Any]] = []
+    seen: list[events.Event] = []
     run = start(cfg, stack, tmp_path)
-    assert run.wait(events.append) == 0, run.log_path.read_text()[-3000:]
-    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [1, 2]
+    assert run.wait(seen.append) == 0, run.log_path.read_text()[-3000:]
+    assert [e.step for e in seen if isinstance(e, events.Checkpoint)] == [1, 2]
     from argus.storage import download_dir
 
     export = download_dir(cfg.output_uri, tmp_path / "export", stack)

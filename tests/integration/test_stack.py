@@ -14,9 +14,9 @@ import psutil
 import pytest
 
 from argus.config import StackSettings
-from argus.procs import ProcessRecord, wait_until
 from argus.stack import StackState
 from argus.storage import s3_client
+from argus.supervision import ProcessRecord, wait_until
 from tests.conftest import REPO, Cli
 
 pytestmark = pytest.mark.integration

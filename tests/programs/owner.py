@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from argus import procs
+from argus import supervision
 from argus.backends.base import TrainingJob
-from argus.backends.local import LocalBackend
+from argus.backends.local.backend import LocalBackend
 from argus.config import StackSettings
 
 
@@ -18,7 +18,7 @@ def main() -> None:
     backend = LocalBackend(StackSettings(home=Path(sys.argv[1])))
     job = TrainingJob(name="owned", module="tests.programs.env_probe", config={"sleep_s": 600}, nproc_per_node=2)
     backend.submit(job)
-    _popen, kept = procs.spawn(["sleep", "600"])  # like a production deployment: not owned
+    _popen, kept = supervision.spawn(["sleep", "600"])  # like a production deployment: not owned
     log = backend.job_dir("owned") / "train.log"
     while '"event": "start"' not in (log.read_text() if log.exists() else ""):
         time.sleep(0.2)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from argus.k8s.cluster import Cluster, ClusterError
+from argus.backends.kubernetes.cluster import Cluster, ClusterError
 
 
 def _proc(script: str) -> subprocess.Popen[str]:

@@ -13,8 +13,8 @@ from prefect.flows import Flow
 from prefect.states import Completed, Failed
 
 from argus.backends.base import BackendError
-from argus.deployments import FLOW_RESULTS_PATH, POOL_TYPES, base_job_template, pools_in
 from argus.storage import fingerprint
+from flows.deployments import FLOW_RESULTS_PATH, POOL_TYPES, base_job_template, pools_in
 from flows.results import cache_key
 from flows.runtime import artifact_key, transient
 
@@ -85,8 +85,8 @@ def test_unknown_work_pool_is_an_error(tmp_path: Path) -> None:
 def test_console_drops_tracebacks_of_expected_failures_only() -> None:
     import logging
 
-    from argus.cli_pipeline import _ExpectedFailures
-    from flows.promote import PromotionError
+    from argus.cli._common import _ExpectedFailures
+    from flows.serving import PromotionError
 
     def record(exc: Exception) -> logging.LogRecord:
         with pytest.raises(type(exc)) as raised:

@@ -15,8 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from argus.k8s.crds import KINDS, crd
-from argus.k8s.render import QUEUE_LABEL, render
+from argus.backends.kubernetes.crds import KINDS, crd
+from argus.backends.kubernetes.render import QUEUE_LABEL, render
 from argus.specfile import load_spec
 
 REPO = Path(__file__).resolve().parents[2]

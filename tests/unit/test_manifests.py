@@ -124,15 +124,15 @@ def test_overlays_build_and_validate(overlay: str) -> None:
 
 
 def test_crds_file_is_the_generated_output() -> None:
-    from argus.k8s.crds import KINDS, crd
+    from argus.backends.kubernetes.crds import KINDS, crd
 
     committed = [d for d in yaml.safe_load_all((REPO / "manifests" / "base" / "crds" / "crds.yaml").read_text()) if d]
     assert committed == [crd(kind) for kind in KINDS], "run: argus k8s crds > manifests/base/crds/crds.yaml"
 
 
 def test_operator_children_are_valid_and_use_real_settings() -> None:
-    from argus.k8s.crds import ModelServingSpec, ToolEnvironmentSpec
-    from argus.k8s.render import model_serving, tool_environment
+    from argus.backends.kubernetes.crds import ModelServingSpec, ToolEnvironmentSpec
+    from argus.backends.kubernetes.render import model_serving, tool_environment
     from argus.specfile import load_spec
     from operators.children import revision_deployment, stable_service, tool_environment_children
 

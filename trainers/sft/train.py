@@ -29,22 +29,17 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from argus import tracking
+from argus import events, tracking
 from argus.config import SFTJobConfig, StackSettings
 from argus.data.formats import DataFormatError, read_sharegpt
-from argus.jobs import generated_deepspeed_config
-from argus.launch import torch_extensions_dir
 from argus.storage import download_dir, is_s3, read_uri, upload_dir
+from argus.supervision import die_with_parent
 from trainers.checkpoint import CheckpointStore
+from trainers.deepspeed import deepspeed_config, torch_extensions_dir
 from trainers.sft.data import Encoded, Encoder, Schedule, collate
 
 log = logging.getLogger("argus.sft")
 TAG = "ckpt"
-
-
-def emit(event: str, **fields: Any) -> None:
-    """A machine-readable progress line (the CLI and the pipeline follow these)."""
-    print("ARGUS " + json.dumps({"event": event, "time": time.time(), **fields}), flush=True)
 
 
 def load_job(path: str | None) -> SFTJobConfig:
@@ -98,14 +93,6 @@ def materialise_model(uri: str, cache: Path, settings: StackSettings) -> Path:
         with contextlib.suppress(OSError):  # another rank won the race
             os.replace(tmp, target)
     return target
-
-
-def deepspeed_config(job: SFTJobConfig, settings: StackSettings) -> dict[str, Any]:
-    if job.sft.deepspeed.config:
-        user: dict[str, Any] = json.loads(read_uri(job.sft.deepspeed.config, settings))
-        return user
-    cuda = torch.cuda.is_available()
-    return generated_deepspeed_config(job.sft, cuda=cuda, bf16_ok=not cuda or torch.cuda.is_bf16_supported())
 
 
 class Trainer:
@@ -179,7 +166,7 @@ class Trainer:
         warmup = int(optim.warmup_ratio * self.total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim.scheduler, warmup, self.total_steps))
         self.engine, self.optimizer, _, self.scheduler = self.deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job, self.settings)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job.sft, self.settings)
         )
 
     # -- checkpoints ----------------------------------------------------------------------------------
@@ -202,7 +189,9 @@ class Trainer:
         )
         set_rng_state(torch.load(local / TAG / f"rng_rank{self.rank}.pt", weights_only=False))
         if self.is_main:
-            emit("resumed", step=latest.step, checkpoint=latest.uri, seconds=round(time.perf_counter() - started, 3))
+            events.emit(
+                events.Resumed(step=latest.step, checkpoint=latest.uri, seconds=round(time.perf_counter() - started, 3))
+            )
         return int(client["step"]), int(client["position"]), client.get("mlflow_run_id")
 
     def save(self, step: int, position: int, run_id: str | None) -> None:
@@ -229,7 +218,7 @@ class Trainer:
                 {"world_size": self.world, "job": self.job.job_name, "zero_stage": self.job.sft.deepspeed.zero_stage},
                 keep_last=self.job.sft.checkpoint.keep_last,
             )
-            emit("checkpoint", step=step, uri=ckpt.uri, seconds=round(time.perf_counter() - started, 3))
+            events.emit(events.Checkpoint(step=step, uri=ckpt.uri, seconds=round(time.perf_counter() - started, 3)))
         self.dist.barrier()
         for path in sorted(local.rglob("*"), reverse=True):
             path.unlink() if path.is_file() else path.rmdir()
@@ -243,12 +232,12 @@ class Trainer:
         if self.is_main:
             tags = {
                 tracking.TAG_JOB_NAME: job.job_name,
-                "argus.stage": "sft",
-                "argus.dataset.uri": job.dataset,
-                "argus.dataset.sha256": self.dataset_sha256,
-                "argus.base_model.uri": job.model,
-                "argus.code_version": tracking.code_version(),
-                "argus.node_pool": job.node_pool or "local",
+                tracking.TAG_STAGE: "sft",
+                tracking.TAG_DATASET_URI: job.dataset,
+                tracking.TAG_DATASET_SHA256: self.dataset_sha256,
+                tracking.TAG_BASE_MODEL_URI: job.model,
+                tracking.TAG_CODE_VERSION: tracking.code_version(),
+                tracking.TAG_NODE_POOL: job.node_pool or "local",
                 **job.lineage,
             }
             tracker = tracking.RunTracker(job.mlflow_experiment, job.job_name, tags=tags, resume_run_id=run_id)
@@ -271,7 +260,9 @@ class Trainer:
                         "model_type": "qwen2_5_vl" if self.is_vl else "qwen2",
                     }
                 )
-            emit("start", step=step, total=self.total_steps, mlflow_run_id=run_id, examples=len(self.examples))
+            events.emit(
+                events.Start(step=step, total=self.total_steps, mlflow_run_id=run_id, examples=len(self.examples))
+            )
         run_id = self.broadcast(run_id)
         pad = self.tokenizer.pad_token_id
         accum = job.sft.grad_accum
@@ -302,12 +293,13 @@ class Trainer:
                         "train/step_time_s": step_time,
                     }
                     tracker.log_metrics(metrics, step)
-                    emit(
-                        "step",
-                        step=step,
-                        total=self.total_steps,
-                        tokens=int(stats[1]),
-                        **{k.split("/")[1]: round(v, 6) for k, v in metrics.items()},
+                    events.emit(
+                        events.Step(
+                            step=step,
+                            total=self.total_steps,
+                            tokens=int(stats[1]),
+                            **{k.split("/")[1]: round(v, 6) for k, v in metrics.items()},
+                        )
                     )
                 if step % every == 0 or step == self.total_steps:
                     self.save(step, position, run_id)
@@ -317,7 +309,7 @@ class Trainer:
                 tracker.end("FAILED")
             raise
         if tracker is not None:
-            tracker.set_tags({"argus.export.uri": job.output_uri})
+            tracker.set_tags({tracking.TAG_EXPORT_URI: job.output_uri})
             tracker.end("FINISHED")
 
     def export(self, run_id: str | None, step: int) -> None:
@@ -352,21 +344,8 @@ class Trainer:
                 )
             )
             upload_dir(out, self.job.output_uri, self.settings)
-            emit("exported", uri=self.job.output_uri, step=step)
+            events.emit(events.Exported(uri=self.job.output_uri, step=step))
         self.dist.barrier()
-
-
-def _die_with_launcher() -> None:
-    """torchrun starts each rank in its own session: make sure a rank never outlives its launcher."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-    import signal
-
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the launcher died before the signal was armed
-        raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -376,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
-    _die_with_launcher()
+    # torchrun starts each rank in its own session: a rank must never outlive its launcher.
+    die_with_parent()
     job = load_job(args.config)
     try:
         trainer = Trainer(job)

@@ -1,0 +1,73 @@
+"""`argus eval`: a model through the eval suite with live tools, served by vLLM on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from argus.cli._common import HomeOption, console, exit_with_error, stack_settings
+from argus.cli.report import metrics_table
+
+
+def eval_command(
+    model: Annotated[str, typer.Option(help="model directory or s3:// prefix (Hugging Face layout)")],
+    data: Annotated[str, typer.Option(help="generated data root (its eval/eval.parquet and search/index.sqlite)")],
+    limit: Annotated[int | None, typer.Option(help="evaluate only the first N tasks")] = None,
+    max_turns: Annotated[int, typer.Option()] = 9,
+    max_tokens: Annotated[int, typer.Option(help="per model turn")] = 256,
+    runner: Annotated[str, typer.Option(help="sandbox runner: gvisor | process")] = "gvisor",
+    out: Annotated[Path | None, typer.Option(help="write metrics and trajectories (JSON) here")] = None,
+    home: HomeOption = None,
+) -> None:
+    """Evaluate a model with live tools: vLLM (serving virtualenv) + code executor + search proxy."""
+    import json as _json
+    import tempfile
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from argus.backends.local.backend import LocalBackend
+    from argus.backends.local.tools import LocalToolEnvironment
+    from argus.config import SandboxSpec
+    from argus.data.formats import read_rl_parquet
+    from argus.storage import download_dir, join_uri
+    from flows.stages.evaluate import serve_and_evaluate
+
+    if runner not in ("gvisor", "process"):
+        exit_with_error(f"--runner must be gvisor or process, not {runner!r}", 2)
+    settings = stack_settings(home)
+    tasks = read_rl_parquet(join_uri(data, "eval", "eval.parquet"))[:limit]
+    backend = LocalBackend(settings)
+    with tempfile.TemporaryDirectory(prefix="argus-eval-") as tmp:
+        root = Path(tmp)
+        index = Path(download_dir(join_uri(data, "search"), root / "search")) / "index.sqlite"
+        with (
+            console.status("starting the tools…"),
+            LocalToolEnvironment(
+                root / "tools",
+                index_path=index,
+                sandbox=SandboxSpec.model_validate({"runner": runner}),
+            ) as tools,
+        ):
+            console.print("starting vLLM…")
+            with Progress(
+                TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+            ) as progress:
+                bar = progress.add_task("eval", total=len(tasks))
+                try:
+                    result = serve_and_evaluate(
+                        backend,
+                        name="eval",
+                        model_uri=model,
+                        tasks=tasks,
+                        tools=tools,
+                        max_turns=max_turns,
+                        max_tokens=max_tokens,
+                        on_done=lambda _t: progress.advance(bar),
+                    )
+                finally:
+                    backend.close()
+    console.print(metrics_table(f"{model} on {len(tasks)} eval tasks", {"model": result.summary}))
+    if out is not None:
+        out.write_text(_json.dumps(result.report(), indent=1))

@@ -1,1 +1,0 @@
-"""Kubernetes objects Argus renders and the custom resources its operators reconcile."""

@@ -1,0 +1,272 @@
+"""`evaluate`: a model through the eval suite with live tools, served by vLLM through the backend.
+
+Usable on its own (`evaluate(model_uri, data_uri)`: brings up its own tool environment) and as the
+pipeline's evaluation stage (given the pipeline's tool endpoints). Results are persisted under a key of
+the model's content fingerprint and the suite, so a model is evaluated once per suite: the base
+model's numbers become the baseline every later run compares against, without re-running it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from argus import tracking
+from argus.agent.env import Trajectory
+from argus.agent.evaluation import EvalRun, evaluate_endpoint, metrics_table
+from argus.agent.task import Task
+from argus.backends.base import Backend, ModelServer, ToolEndpoints
+from argus.config import EvalSuite, PipelineSpec, ServingTarget, ToolsSpec
+from argus.data.formats import read_rl_parquet
+from argus.storage import fingerprint, join_uri
+from flows.context import RunContext
+from flows.results import DataRef, EvalReport, cache_key
+from flows.runtime import artifact_key, flow_run_links, make_backend, mlflow_client, stack_settings
+from flows.serving import deploy, deployment_name
+
+
+def serve_and_evaluate(
+    backend: Backend,
+    *,
+    name: str,
+    model_uri: str,
+    tasks: list[Task],
+    tools: ToolEndpoints,
+    target: ServingTarget | None = None,
+    max_turns: int = 9,
+    max_tokens: int = 256,
+    concurrency: int = 8,
+    run_id: str = "eval",
+    on_done: Callable[[Trajectory], None] = lambda _t: None,
+) -> EvalRun:
+    """Serve the model through the backend (vLLM), run the suite against it with the tools live, and
+    remove the server again (`argus eval` and a model with no server of its own)."""
+    started = time.monotonic()
+    server = backend.deploy(name, model_uri, target or ServingTarget(), served_name="model")
+    try:
+        return evaluate_endpoint(
+            base_url=server.base_url,
+            model=server.served_name,
+            sandbox_url=tools.sandbox_url,
+            search_url=tools.search_url,
+            tasks=tasks,
+            max_turns=max_turns,
+            max_tokens=max_tokens,
+            concurrency=concurrency,
+            run_id=run_id,
+            on_done=on_done,
+            serve_s=time.monotonic() - started,
+        )
+    finally:
+        backend.remove(name)
+
+
+def _eval_key(_ctx: Any, p: dict[str, Any]) -> str:
+    suite = p["suite"]
+    return cache_key(
+        "eval", p["model_fingerprint"], p["suite_fingerprint"], EvalSuite.model_validate(suite).model_dump()
+    )
+
+
+@task(name="run-eval", persist_result=True, cache_key_fn=_eval_key, retries=1, retry_delay_seconds=15)
+def run_eval(
+    *,
+    label: str,
+    model_uri: str,
+    model_fingerprint: str,
+    data_uri: str,
+    suite: EvalSuite,
+    suite_fingerprint: str,
+    tools: ToolEndpoints | None,
+    tools_spec: ToolsSpec,
+    serving: ServingTarget,
+    backend_kind: str,
+    experiment: str,
+    parent_run_id: str | None,
+    baseline: bool,
+    server: ModelServer | None = None,
+    spec: PipelineSpec | None = None,
+) -> EvalReport:
+    log = get_run_logger()
+    settings = stack_settings()
+    backend = make_backend(backend_kind, settings, spec)
+    tasks = read_rl_parquet(suite.data or join_uri(data_uri, "eval", "eval.parquet"))[: suite.limit]
+    name = artifact_key("eval", label, model_fingerprint[:8])
+    done = 0
+
+    def tick(_t: object) -> None:
+        nonlocal done
+        done += 1
+        if done % 10 == 0 or done == len(tasks):
+            log.info("%s: %d/%d tasks", label, done, len(tasks))
+
+    try:
+        endpoints = tools or backend.tools_up(f"{name}-tools", tools_spec, join_uri(data_uri, "search"))
+        if server is not None:
+            log.info("evaluating %s through %s, %d tasks", model_uri, server.base_url, len(tasks))
+            result = evaluate_endpoint(
+                base_url=server.base_url,
+                model=server.served_name,
+                sandbox_url=endpoints.sandbox_url,
+                search_url=endpoints.search_url,
+                tasks=tasks,
+                max_turns=suite.max_turns,
+                run_id=name,
+                on_done=tick,
+            )
+        else:
+            log.info("serving %s with vLLM (%s backend), %d tasks", model_uri, backend_kind, len(tasks))
+            result = serve_and_evaluate(
+                backend,
+                name=name,
+                model_uri=model_uri,
+                tasks=tasks,
+                tools=endpoints,
+                target=serving,
+                max_turns=suite.max_turns,
+                concurrency=8,
+                run_id=name,
+                on_done=tick,
+            )
+    finally:
+        backend.close()
+
+    client = mlflow_client(settings)
+    import mlflow
+
+    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    tags = {
+        **flow_run_links(settings),
+        tracking.TAG_EVAL_MODEL_URI: model_uri,
+        tracking.TAG_EVAL_MODEL_FINGERPRINT: model_fingerprint,
+        tracking.TAG_EVAL_SUITE: suite.name,
+        tracking.TAG_EVAL_BASELINE: str(baseline).lower(),
+        tracking.TAG_CODE_VERSION: tracking.code_version(),
+        **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
+    }
+    run = client.create_run(experiment_id, run_name=f"eval-{label}", tags=tags)
+    metrics = {k: v for name_, m in result.summary.items() for k, v in m.flat(name_).items()}
+    metrics.update({"serve_s": result.serve_s, "eval_s": result.eval_s})
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / f"eval-{label}.json"
+        report.write_text(json.dumps(result.report(), indent=1))
+        client.log_batch(
+            run.info.run_id,
+            metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in sorted(metrics.items())],
+            params=[
+                mlflow.entities.Param("max_turns", str(suite.max_turns)),
+                mlflow.entities.Param("tasks", str(len(tasks))),
+            ],
+        )
+        client.log_artifact(run.info.run_id, str(report), "eval")
+    client.set_terminated(run.info.run_id)
+    columns, rows = metrics_table({label: result.summary})
+    create_table_artifact(
+        key=artifact_key("eval", label),
+        table=[dict(zip(columns, row, strict=True)) for row in rows],
+        description=f"{label}: {model_uri} on suite {suite.name} ({len(tasks)} tasks)",
+    )
+    overall = result.summary["overall"]
+    log.info("%s: accuracy %.3f, format rate %.3f", label, overall.accuracy, overall.format_rate)
+    return EvalReport(
+        label=label,
+        model_uri=model_uri,
+        model_fingerprint=model_fingerprint,
+        suite=suite.name,
+        metrics={k: m.__dict__ for k, m in result.summary.items()},
+        mlflow_run_id=run.info.run_id,
+        mlflow_run_url=tracking.mlflow_run_url(settings, experiment_id, run.info.run_id),
+        serve_s=result.serve_s,
+        eval_s=result.eval_s,
+    )
+
+
+@flow(name="evaluate", flow_run_name="evaluate-{label}")
+def evaluate(
+    model_uri: str,
+    data_uri: str,
+    label: str = "model",
+    suite: EvalSuite | None = None,
+    tools: ToolEndpoints | None = None,
+    tools_spec: ToolsSpec | None = None,
+    serving: ServingTarget | None = None,
+    backend_kind: str = "local",
+    experiment: str = "argus-eval",
+    parent_run_id: str | None = None,
+    baseline: bool = False,
+    server: ModelServer | None = None,
+    spec: PipelineSpec | None = None,
+) -> EvalReport:
+    """Evaluate `model_uri` (directory or s3:// prefix, Hugging Face layout) on the suite under
+    `data_uri` (`eval/eval.parquet`, `search/index.sqlite`). `spec` is the pipeline spec the model comes
+    from: the kubernetes backend places servers and tools by it (namespace, images, node pools)."""
+    settings = stack_settings()
+    suite = suite or EvalSuite(name="eval")
+    model_fp = fingerprint(model_uri, settings)
+    suite_fp = fingerprint(suite.data or join_uri(data_uri, "eval", "eval.parquet"), settings)
+    state = run_eval(
+        label=label,
+        model_uri=model_uri,
+        model_fingerprint=model_fp,
+        data_uri=data_uri,
+        suite=suite,
+        suite_fingerprint=suite_fp,
+        tools=tools,
+        tools_spec=tools_spec or ToolsSpec(),
+        serving=serving or ServingTarget(),
+        backend_kind=backend_kind,
+        experiment=experiment,
+        parent_run_id=parent_run_id,
+        baseline=baseline,
+        server=server,
+        spec=spec,
+        return_state=True,
+    )
+    report: EvalReport = state.result()
+    return report.model_copy(update={"cached": state.name == "Cached"})
+
+
+def run(ctx: RunContext, data: DataRef, tools: ToolEndpoints, models: dict[str, str]) -> dict[str, EvalReport]:
+    """Evaluate each model (label → URI; the first is the baseline) on the spec's first suite. The last
+    one is the candidate: when the spec promotes it, its evaluation server is kept as the staging one."""
+    spec = ctx.spec
+    suite = spec.eval.suites[0]
+    if not data.root:
+        suite = suite.model_copy(update={"data": suite.data or data.eval})
+    reports: dict[str, EvalReport] = {}
+    for i, (label, model_uri) in enumerate(models.items()):
+        with ctx.stage(f"evaluate-{label}") as clock:
+            server = None
+            serve_s = 0.0
+            if i == len(models) - 1 and i > 0 and spec.serving.promote_to != "none":
+                started = time.monotonic()
+                name = deployment_name(spec.model.registered_name, model_uri, ctx.settings)
+                server = deploy(ctx.backend, name, model_uri, spec.serving.staging, spec.model.registered_name)
+                serve_s = time.monotonic() - started
+                ctx.kept.append(server.name)
+            report = evaluate(
+                model_uri,
+                data.data_root,
+                label=label,
+                suite=suite,
+                tools=tools,
+                tools_spec=spec.tools,
+                serving=spec.serving.staging,
+                backend_kind=spec.backend,
+                experiment=spec.name,
+                parent_run_id=ctx.mlflow_run_id,
+                baseline=i == 0,
+                server=server,
+                spec=spec,
+            )
+            clock.work_s = serve_s + (0.0 if report.cached else report.serve_s + report.eval_s)
+            clock.cached = report.cached and not serve_s
+        reports[label] = report
+    return reports

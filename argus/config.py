@@ -258,7 +258,7 @@ class SandboxSpec(StrictModel):
 
 
 class SearchSpec(StrictModel):
-    backend: Literal["offline", "serpapi", "brave"] = "offline"
+    provider: Literal["offline", "serpapi", "brave"] = Field("offline", description="where search results come from")
     cache_mode: Literal["live", "record", "replay", "cache-first"] = "cache-first"
     cache: Uri | None = Field(None, description="cache snapshot to import at start")
     budget_per_run: int | None = Field(None, ge=1, description="max upstream calls per run id")
@@ -268,9 +268,9 @@ class SearchSpec(StrictModel):
     node_pool: str | None = None
 
     @model_validator(mode="after")
-    def _live_backends_need_keys(self) -> SearchSpec:
-        if self.backend != "offline" and self.cache_mode != "replay" and not self.api_key_secret:
-            raise ValueError(f"backend '{self.backend}' needs 'api_key_secret' unless cache_mode is replay")
+    def _live_providers_need_keys(self) -> SearchSpec:
+        if self.provider != "offline" and self.cache_mode != "replay" and not self.api_key_secret:
+            raise ValueError(f"provider '{self.provider}' needs 'api_key_secret' unless cache_mode is replay")
         return self
 
     def service_env(self) -> dict[str, str]:
@@ -278,7 +278,7 @@ class SearchSpec(StrictModel):
         local backend and the ToolEnvironment operator start it. Where the cache and the index live, and
         the API key file, are the starter's business (a local file, Redis and a mounted Secret)."""
         env = {
-            "ARGUS_SEARCH_BACKEND": self.backend,
+            "ARGUS_SEARCH_PROVIDER": self.provider,
             "ARGUS_SEARCH_CACHE_MODE": self.cache_mode,
             "ARGUS_SEARCH_RATE_LIMIT_PER_S": str(self.rate_limit_per_s),
         }
@@ -605,7 +605,7 @@ class SearchSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8090, ge=0, le=65535)
-    backend: Literal["offline", "serpapi", "brave"] = "offline"
+    provider: Literal["offline", "serpapi", "brave"] = "offline"
     cache_mode: Literal["live", "record", "replay", "cache-first"] = "cache-first"
     cache_store: Literal["sqlite", "redis"] = "sqlite"
     cache_path: Path = Field(Path(".argus/search/cache.sqlite"), description="sqlite cache file")

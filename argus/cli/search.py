@@ -24,7 +24,7 @@ def _search_settings(**given: Any) -> Any:
 
 @app.command("serve")
 def search_serve(
-    backend: Annotated[str | None, typer.Option(help="offline | serpapi | brave")] = None,
+    provider: Annotated[str | None, typer.Option(help="offline | serpapi | brave")] = None,
     cache_mode: Annotated[str | None, typer.Option(help="live | record | replay | cache-first")] = None,
     cache_store: Annotated[str | None, typer.Option(help="sqlite | redis")] = None,
     cache_path: Annotated[Path | None, typer.Option(help="sqlite cache file")] = None,
@@ -44,7 +44,7 @@ def search_serve(
     from services.search.app import create_app
 
     settings = _search_settings(
-        backend=backend,
+        provider=provider,
         cache_mode=cache_mode,
         cache_store=cache_store,
         cache_path=cache_path,
@@ -62,7 +62,7 @@ def search_serve(
     except (FileNotFoundError, ValueError) as exc:
         exit_with_error(str(exc))
     console.print(
-        f"search proxy: backend {settings.backend}, cache {settings.cache_mode} ({settings.cache_store}), "
+        f"search proxy: provider {settings.provider}, cache {settings.cache_mode} ({settings.cache_store}), "
         f"http://{settings.host}:{settings.port}",
         highlight=False,
     )

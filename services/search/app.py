@@ -1,6 +1,6 @@
 """The search proxy HTTP service.
 
-argus search serve --backend offline --cache-mode cache-first --port 8090
+argus search serve --provider offline --cache-mode cache-first --port 8090
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from argus.config import SearchSettings
 from argus.data.search_index import image_phash
 from services.search import models as m
-from services.search.backends import SearchBackend, Unsupported, UpstreamError, make_backend
 from services.search.cache import CacheStore, RedisStore, make_store
 from services.search.metrics import SearchMetrics
+from services.search.providers import SearchProvider, Unsupported, UpstreamError, make_provider
 from services.search.proxy import BudgetExceeded, ReplayMiss, SearchProxy, decode_image
 from services.search.render import render_images, render_web, retrieval_contents
 
@@ -29,12 +29,12 @@ RunId = Header(default="default", alias="X-Argus-Run-Id", max_length=256)
 
 
 def create_app(
-    settings: SearchSettings | None = None, backend: SearchBackend | None = None, store: CacheStore | None = None
+    settings: SearchSettings | None = None, provider: SearchProvider | None = None, store: CacheStore | None = None
 ) -> FastAPI:
     settings = settings or SearchSettings()
     metrics = SearchMetrics()
     # Built here, not at first request: a missing index or API key fails the start with its reason.
-    proxy = SearchProxy(settings, backend or make_backend(settings), store or make_store(settings), metrics)
+    proxy = SearchProxy(settings, provider or make_provider(settings), store or make_store(settings), metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -43,7 +43,7 @@ def create_app(
         try:
             yield
         finally:
-            await proxy.backend.aclose()
+            await proxy.provider.aclose()
             await proxy.store.aclose()
 
     app = FastAPI(title="Argus search proxy", version="1", lifespan=lifespan)
@@ -94,8 +94,8 @@ def create_app(
         return query
 
     def check_backend(name: str | None) -> None:
-        if name is not None and name != proxy.backend.name:
-            raise HTTPException(400, f"unknown backend {name!r}: this proxy serves {proxy.backend.name!r}")
+        if name is not None and name != proxy.provider.name:
+            raise HTTPException(400, f"unknown backend {name!r}: this proxy serves {proxy.provider.name!r}")
 
     def check_top_k(k: int) -> int:
         if k > settings.max_top_k:
@@ -109,7 +109,11 @@ def create_app(
         hits, cached = await proxy.search(query, check_top_k(req.top_k), run_id)
         results = [h.result for h in hits]
         return m.SearchResponse(
-            query=query, backend=proxy.backend.name, cached=cached, results=results, rendered=render_web(query, results)
+            query=query,
+            backend=proxy.provider.name,
+            cached=cached,
+            results=results,
+            rendered=render_web(query, results),
         )
 
     @app.post("/v1/image_search")
@@ -131,7 +135,7 @@ def create_app(
                 raise
             raise HTTPException(404, str(exc).strip('"')) from None
         return m.ImageSearchResponse(
-            backend=proxy.backend.name, cached=cached, results=results, rendered=render_images(results)
+            backend=proxy.provider.name, cached=cached, results=results, rendered=render_images(results)
         )
 
     @app.post("/retrieve")
@@ -154,7 +158,7 @@ def create_app(
     async def healthz() -> dict[str, Any]:
         return {
             "status": "ok",
-            "backend": proxy.backend.name,
+            "backend": proxy.provider.name,
             "cache_mode": settings.cache_mode,
             "cache_store": settings.cache_store,
         }

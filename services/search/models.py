@@ -1,4 +1,7 @@
-"""Request and response models of the search proxy."""
+"""Request and response models of the search proxy.
+
+The wire field `backend` names the search *provider* (offline, serpapi, brave); it keeps that name because
+clients and exported cache snapshots use it."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ class WebResult(BaseModel):
 class ImageResult(BaseModel):
     title: str
     link: str | None = None
-    image: str | None = Field(None, description="base64 image bytes, when the backend has them")
+    image: str | None = Field(None, description="base64 image bytes, when the provider has them")
     thumbnail_url: str | None = None
 
 
@@ -27,7 +30,7 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     query: str
     top_k: TopK = 5
-    backend: str | None = Field(None, description="must name the proxy's backend when given")
+    backend: str | None = Field(None, description="must name the proxy's provider when given")
 
 
 class SearchResponse(BaseModel):
@@ -43,7 +46,7 @@ class ImageSearchRequest(BaseModel):
     image: str | None = Field(None, description="base64 image bytes")
     key: str | None = Field(None, description="dataset key of cached results (MMSearch-R1 cache)")
     top_k: TopK = 5
-    backend: str | None = Field(None, description="must name the proxy's backend when given")
+    backend: str | None = Field(None, description="must name the proxy's provider when given")
 
 
 class ImageSearchResponse(BaseModel):

@@ -17,11 +17,11 @@ from typing import Any
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from argus.config import SearchSettings
-from services.search.backends import Hit, SearchBackend, UpstreamError
 from services.search.cache import CacheStore, Entry, cache_key
 from services.search.limits import Coalescer, TokenBucket
 from services.search.metrics import SearchMetrics
 from services.search.models import ImageResult, WebResult
+from services.search.providers import Hit, SearchProvider, UpstreamError
 
 
 class ReplayMiss(LookupError):
@@ -39,9 +39,9 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class SearchProxy:
-    def __init__(self, settings: SearchSettings, backend: SearchBackend, store: CacheStore, metrics: SearchMetrics):
+    def __init__(self, settings: SearchSettings, provider: SearchProvider, store: CacheStore, metrics: SearchMetrics):
         self.settings = settings
-        self.backend = backend
+        self.provider = provider
         self.store = store
         self.metrics = metrics
         self.bucket = TokenBucket(settings.rate_limit_per_s, settings.rate_burst)
@@ -56,7 +56,7 @@ class SearchProxy:
             if used > budget:
                 self.metrics.rejected.labels(reason="budget").inc()
                 raise BudgetExceeded(run_id, budget)
-        name = self.backend.name
+        name = self.provider.name
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(self.settings.retries + 1),
             wait=wait_exponential_jitter(initial=self.settings.backoff_s, max=30),
@@ -80,7 +80,7 @@ class SearchProxy:
     async def _lookup(
         self, kind: str, query: str, params: dict[str, Any], run_id: str, call: Callable[[], Awaitable[Any]]
     ) -> tuple[Any, bool]:
-        key = cache_key(kind, self.backend.name, query, params)
+        key = cache_key(kind, self.provider.name, query, params)
         mode = self.settings.cache_mode
         if mode in ("replay", "cache-first"):
             entry = await self.store.get(key)
@@ -95,7 +95,7 @@ class SearchProxy:
             value = await self._upstream(run_id, call)
             if mode in ("record", "cache-first"):
                 await self.store.put(
-                    Entry(key=key, kind=kind, backend=self.backend.name, query=query, params=params, value=value)
+                    Entry(key=key, kind=kind, backend=self.provider.name, query=query, params=params, value=value)
                 )
             return value
 
@@ -103,7 +103,7 @@ class SearchProxy:
 
     async def search(self, query: str, top_k: int, run_id: str) -> tuple[list[Hit], bool]:
         async def call() -> list[dict[str, Any]]:
-            hits = await self.backend.search(query, top_k)
+            hits = await self.provider.search(query, top_k)
             return [{"result": h.result.model_dump(), "score": h.score, "doc_id": h.doc_id} for h in hits]
 
         value, cached = await self._lookup("search", query, {"top_k": top_k}, run_id, call)
@@ -113,7 +113,7 @@ class SearchProxy:
         self, image: bytes | None, key: str | None, top_k: int, run_id: str
     ) -> tuple[list[ImageResult], bool]:
         async def call() -> list[dict[str, Any]]:
-            results = await self.backend.image_search(image, key, top_k)
+            results = await self.provider.image_search(image, key, top_k)
             return [r.model_dump() for r in results]
 
         if key is not None:

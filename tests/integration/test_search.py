@@ -222,7 +222,7 @@ def test_offline_image_search(offline: httpx.Client) -> None:
 
 
 def test_serpapi_web_search(tmp_path: Path, upstream: FakeUpstream) -> None:
-    s = settings(tmp_path, backend="serpapi", api_key=API_KEY, serpapi_url=f"{upstream.base}/search.json")
+    s = settings(tmp_path, provider="serpapi", api_key=API_KEY, serpapi_url=f"{upstream.base}/search.json")
     with serve_app(create_app(s)) as url:
         body = httpx.post(f"{url}/v1/search", json={"query": "zorblat mountain height", "top_k": 2}).json()
         empty = httpx.post(f"{url}/v1/search", json={"query": "nothing at all"}).json()
@@ -248,7 +248,7 @@ def test_serpapi_reverse_image_search_through_a_presigned_url(tmp_path: Path, up
         mp.setenv("ARGUS_HOME", str(tmp_path))
         s = settings(
             tmp_path,
-            backend="serpapi",
+            provider="serpapi",
             api_key=API_KEY,
             serpapi_url=f"{upstream.base}/search.json",
             image_bucket=stack.bucket_cache,
@@ -264,7 +264,7 @@ def test_serpapi_reverse_image_search_through_a_presigned_url(tmp_path: Path, up
 
 
 def test_brave_web_search(tmp_path: Path, upstream: FakeUpstream) -> None:
-    s = settings(tmp_path, backend="brave", api_key=API_KEY, brave_url=f"{upstream.base}/res/v1/web/search")
+    s = settings(tmp_path, provider="brave", api_key=API_KEY, brave_url=f"{upstream.base}/res/v1/web/search")
     with serve_app(create_app(s)) as url:
         body = httpx.post(f"{url}/v1/search", json={"query": "zorblat mountain height", "top_k": 5}).json()
         image = httpx.post(f"{url}/v1/image_search", json={"image": base64.b64encode(png("red")).decode()})
@@ -279,7 +279,7 @@ def test_brave_web_search(tmp_path: Path, upstream: FakeUpstream) -> None:
 
 
 def test_retries_on_5xx_and_429_then_gives_up(tmp_path: Path, upstream: FakeUpstream) -> None:
-    s = settings(tmp_path, backend="serpapi", api_key=API_KEY, serpapi_url=f"{upstream.base}/search.json", retries=2)
+    s = settings(tmp_path, provider="serpapi", api_key=API_KEY, serpapi_url=f"{upstream.base}/search.json", retries=2)
     with serve_app(create_app(s)) as url:
         upstream.failures = [500, 503]
         ok = httpx.post(f"{url}/v1/search", json={"query": "zorblat one"})
@@ -289,7 +289,7 @@ def test_retries_on_5xx_and_429_then_gives_up(tmp_path: Path, upstream: FakeUpst
         metrics = httpx.get(f"{url}/metrics").text
     assert busy.status_code == 503 and busy.headers["Retry-After"] == "5" and "429" in busy.text
     assert len(upstream.calls) == 6
-    assert 'argus_search_upstream_errors_total{backend="serpapi",status="429"} 3.0' in metrics
+    assert 'argus_search_upstream_errors_total{provider="serpapi",status="429"} 3.0' in metrics
 
 
 def test_api_key_is_never_returned_or_logged(
@@ -297,7 +297,7 @@ def test_api_key_is_never_returned_or_logged(
 ) -> None:
     key_file = tmp_path / "serpapi.key"
     key_file.write_text(API_KEY + "-wrong\n")
-    s = settings(tmp_path, backend="serpapi", api_key_file=key_file, serpapi_url=f"{upstream.base}/search.json")
+    s = settings(tmp_path, provider="serpapi", api_key_file=key_file, serpapi_url=f"{upstream.base}/search.json")
     caplog.set_level(logging.DEBUG)
     with serve_app(create_app(s)) as url:
         bad = httpx.post(f"{url}/v1/search", json={"query": "zorblat"})
@@ -365,7 +365,7 @@ def test_snapshot_round_trip_through_s3(tmp_path: Path) -> None:
                     Entry(
                         key=f"k{i}",
                         kind="search",
-                        backend="offline",
+                        provider="offline",
                         query=f"q{i}",
                         params={"top_k": 3},
                         value=[{"i": i}],
@@ -416,7 +416,7 @@ def test_redis_cache_shared_by_two_replicas(tmp_path: Path, upstream: FakeUpstre
 
 def test_budget_per_run(tmp_path: Path, upstream: FakeUpstream) -> None:
     s = settings(
-        tmp_path, backend="serpapi", api_key=API_KEY, serpapi_url=f"{upstream.base}/search.json", budget_per_run=2
+        tmp_path, provider="serpapi", api_key=API_KEY, serpapi_url=f"{upstream.base}/search.json", budget_per_run=2
     )
     with serve_app(create_app(s)) as url:
         run_a = {"X-Argus-Run-Id": "run-a"}
@@ -435,7 +435,7 @@ def test_budget_per_run(tmp_path: Path, upstream: FakeUpstream) -> None:
 
 def test_identical_concurrent_queries_make_one_upstream_call(tmp_path: Path, upstream: FakeUpstream) -> None:
     s = settings(
-        tmp_path, backend="serpapi", api_key=API_KEY, serpapi_url=f"{upstream.base}/search.json", cache_mode="live"
+        tmp_path, provider="serpapi", api_key=API_KEY, serpapi_url=f"{upstream.base}/search.json", cache_mode="live"
     )
     upstream.gate = threading.Event()
     with serve_app(create_app(s)) as url:
@@ -524,7 +524,7 @@ def test_misconfiguration_fails_at_start_with_the_reason(tmp_path: Path) -> None
     with pytest.raises(FileNotFoundError, match="argus search index"):
         create_app(settings(tmp_path, index_path=tmp_path / "missing.sqlite"))
     with pytest.raises(ValueError, match="needs an API key"):
-        create_app(settings(tmp_path, backend="serpapi"))
+        create_app(settings(tmp_path, provider="serpapi"))
 
 
 def test_index_cli_reports_bad_corpus_lines(tmp_path: Path, cli: Cli) -> None:

@@ -59,7 +59,7 @@ BAD_SPECS = [
     (quickstart, "data.sft", "s3://argus-data/sft.json", "data", "exclusive"),
     (quickstart, "tools.sandbox.runner", "docker", "tools.sandbox.runner", "'gvisor' or 'process'"),
     (quickstart, "tools.sandbox.memory_mb", 8, "tools.sandbox.memory_mb", "greater than or equal to 64"),
-    (quickstart, "tools.search", {"backend": "serpapi"}, "tools.search", "api_key_secret"),
+    (quickstart, "tools.search", {"provider": "serpapi"}, "tools.search", "api_key_secret"),
     (quickstart, "sft.deepspeed.offload_params", True, "sft.deepspeed", "zero_stage 3"),
     (quickstart, "sft.resources", {"memory": "lots"}, "sft.resources.memory", "pattern"),
     (quickstart, "serving.promote_to", "prod", "serving.promote_to", "'production'"),

@@ -163,11 +163,11 @@ class LocalBackend(Backend):
     # -- tool environments ------------------------------------------------------------------------
 
     def tools_up(self, name: str, tools: ToolsSpec, search_data_uri: str) -> ToolEndpoints:
-        if tools.search.backend != "offline":
+        if tools.search.provider != "offline":
             raise BackendError(
-                f"tools.search.backend: the local backend serves the offline index; {tools.search.backend!r} "
+                f"tools.search.provider: the local backend serves the offline index; {tools.search.provider!r} "
                 "needs the search proxy's API key and network access (run `argus search serve` with "
-                "ARGUS_SEARCH_BACKEND and point the spec at it)"
+                "ARGUS_SEARCH_PROVIDER and point the spec at it)"
             )
         workdir = self.settings.home / "tools" / name
         search_dir = Path(search_data_uri)

@@ -1,4 +1,4 @@
-"""Search backends behind one interface: SerpAPI (Google web and reverse image), Brave, offline.
+"""Search providers behind one interface: SerpAPI (Google web and reverse image), Brave, offline.
 
 Backends do one upstream call each and raise `UpstreamError` for failures; rate limits, retries,
 coalescing, budgets and the cache are the proxy's job (`services/search/proxy.py`). API keys travel
@@ -32,15 +32,15 @@ _TAG = re.compile(r"<[^>]+>")
 
 
 class UpstreamError(Exception):
-    def __init__(self, backend: str, status: int, message: str, *, retryable: bool):
-        self.backend = backend
+    def __init__(self, provider: str, status: int, message: str, *, retryable: bool):
+        self.provider = provider
         self.status = status
         self.retryable = retryable
-        super().__init__(f"{backend}: {message}")
+        super().__init__(f"{provider}: {message}")
 
 
 class Unsupported(Exception):
-    """The backend cannot do this kind of search (answered as 400)."""
+    """The provider cannot do this kind of search (answered as 400)."""
 
 
 @dataclass(frozen=True)
@@ -53,24 +53,24 @@ class Hit:
 ImageHost = Callable[[bytes], Awaitable[str]]
 
 
-class SearchBackend(abc.ABC):
+class SearchProvider(abc.ABC):
     name: str
 
     @abc.abstractmethod
     async def search(self, query: str, k: int) -> list[Hit]: ...
 
     async def image_search(self, image: bytes | None, key: str | None, k: int) -> list[ImageResult]:
-        raise Unsupported(f"backend '{self.name}' has no image search")
+        raise Unsupported(f"provider '{self.name}' has no image search")
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         pass
 
 
-class _HTTPBackend(SearchBackend):
+class _HTTPProvider(SearchProvider):
     def __init__(self, settings: SearchSettings, api_key: str | None):
         if not api_key:
             raise ValueError(
-                f"backend '{self.name}' needs an API key (ARGUS_SEARCH_API_KEY_FILE or ARGUS_SEARCH_API_KEY)"
+                f"provider '{self.name}' needs an API key (ARGUS_SEARCH_API_KEY_FILE or ARGUS_SEARCH_API_KEY)"
             )
         self._key = api_key
         self._client = httpx.AsyncClient(timeout=settings.upstream_timeout_s, follow_redirects=True)
@@ -117,7 +117,7 @@ class _HTTPBackend(SearchBackend):
         await self._client.aclose()
 
 
-class SerpAPIBackend(_HTTPBackend):
+class SerpAPIProvider(_HTTPProvider):
     """Google web search and Google reverse image search through SerpAPI."""
 
     name = "serpapi"
@@ -171,7 +171,7 @@ class SerpAPIBackend(_HTTPBackend):
         ]
 
 
-class BraveBackend(_HTTPBackend):
+class BraveProvider(_HTTPProvider):
     """Brave Search web API."""
 
     name = "brave"
@@ -198,7 +198,7 @@ class BraveBackend(_HTTPBackend):
         return hits
 
 
-class OfflineBackend(SearchBackend):
+class OfflineProvider(SearchProvider):
     """Full-text and perceptual-hash search over a local index; no network at all."""
 
     name = "offline"
@@ -253,10 +253,10 @@ def s3_image_host(settings: SearchSettings) -> ImageHost | None:
     return host
 
 
-def make_backend(settings: SearchSettings) -> SearchBackend:
-    if settings.backend == "offline":
-        return OfflineBackend(settings.index_path)
+def make_provider(settings: SearchSettings) -> SearchProvider:
+    if settings.provider == "offline":
+        return OfflineProvider(settings.index_path)
     key = settings.read_api_key()
-    if settings.backend == "serpapi":
-        return SerpAPIBackend(settings, key, s3_image_host(settings))
-    return BraveBackend(settings, key)
+    if settings.provider == "serpapi":
+        return SerpAPIProvider(settings, key, s3_image_host(settings))
+    return BraveProvider(settings, key)

@@ -9,6 +9,7 @@ does not match a known event is ignored rather than half-understood.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Literal
 
@@ -91,8 +92,9 @@ _ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 
 def line(event: Event) -> str:
-    """The log line of an event."""
-    return PREFIX + event.model_dump_json()
+    """The log line of an event (`ARGUS {"event": "step", ...}`, the layout people grep logs for)."""
+    fields = event.model_dump(mode="json")
+    return PREFIX + json.dumps({"event": fields.pop("event"), **fields})
 
 
 def emit(event: Event) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent machine set-up for Argus; both README commands run it first.
 #   - apt packages (gVisor's runsc, ...)
-#   - the main virtualenv .venv: Argus itself (editable) with its pinned dependencies and dev tools
+#   - the main virtualenv .venv: Argus itself (editable) with every extra (`all`: each image's set) and dev tools
 #   - the kernel virtualenv .venv-sandbox: what sandboxed code may import (numpy, PIL, matplotlib),
 #     with matplotlib's font cache prebuilt so a new sandbox does not scan fonts
 #   - the serving virtualenv .venv-serve: the vLLM CPU build, kept apart because its FastAPI range
@@ -85,7 +85,7 @@ if [ "$(cat "$MAIN_VENV/.argus-stamp" 2>/dev/null)" != "$main_stamp" ] \
 sys.exit(0 if all(u.find_spec(m) for m in ("argus", "torch", "deepspeed", "prefect", "mlflow")) else 1)' 2>/dev/null; then
   ensure_venv "$MAIN_VENV"
   say "installing Argus and its dependencies into .venv"
-  "$MAIN_VENV/bin/uv" pip install -q --python "$MAIN_VENV/bin/python" "${uv_index_args[@]}" -e ".[dev]"
+  "$MAIN_VENV/bin/uv" pip install -q --python "$MAIN_VENV/bin/python" "${uv_index_args[@]}" -e ".[all,dev]"
   "$MAIN_VENV/bin/python" - <<'PY' || die "torch in .venv is not the CPU build 2.13.0"
 import torch, sys
 sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)
@@ -95,7 +95,7 @@ PY
 fi
 
 # DeepSpeed JIT-builds its CPU ops on first use (30-90 s). Build them once, into the virtualenv whose
-# torch they link against (argus.backends.local.launch.torch_extensions_dir), so no training job builds them.
+# torch they link against (trainers.deepspeed.torch_extensions_dir), so no training job builds them.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$MAIN_VENV/torch_extensions}"
 if ! ls "$TORCH_EXTENSIONS_DIR"/deepspeed_shm_comm/*.so "$TORCH_EXTENSIONS_DIR"/cpu_adam/*.so >/dev/null 2>&1; then
   say "building DeepSpeed's CPU ops: communication, Adam for ZeRO-Offload (once per machine)"

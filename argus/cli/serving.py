@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from argus.backends.base import Backend
 
 app = typer.Typer(help="Model serving: stable endpoints and vLLM deployments.", no_args_is_help=True)
+ClusterSpecOption = Annotated[
+    str | None, typer.Option("--spec", help="a kubernetes spec: its cluster's servers (default: this machine)")
+]
 
 
 def _serving_backend(spec_file: str | None, home: Path | None) -> tuple[StackSettings, Backend]:
@@ -87,9 +90,7 @@ def rollback_command(
 
 @app.command("status")
 def serving_status(
-    spec_file: Annotated[
-        str | None, typer.Option("--spec", help="a kubernetes spec: its cluster's servers (default: this machine)")
-    ] = None,
+    spec_file: ClusterSpecOption = None,
     home: HomeOption = None,
 ) -> None:
     """Stable endpoints and deployments: model, version, aliases, health, URL."""
@@ -127,9 +128,7 @@ def serving_status(
 
 @app.command("down")
 def serving_down(
-    spec_file: Annotated[
-        str | None, typer.Option("--spec", help="a kubernetes spec: its cluster's servers (default: this machine)")
-    ] = None,
+    spec_file: ClusterSpecOption = None,
     home: HomeOption = None,
 ) -> None:
     """Stop every stable endpoint and deployment on this machine (or in the cluster of `--spec`)."""

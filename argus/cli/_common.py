@@ -111,13 +111,14 @@ class _ExpectedFailures(logging.Filter):
 
 
 def prepare_flow_env(settings: StackSettings) -> None:
-    """Point this process's Prefect, MLflow and S3 clients at the stack, as the worker does for its runs."""
-    from prefect.logging.configuration import setup_logging
-
+    """Point this process's Prefect, MLflow and S3 clients at the stack, as the worker does for its runs.
+    Prefect reads its settings when it is first imported: the environment is set before that."""
     from argus.stack import effective_settings, flow_env
 
     settings = effective_settings(settings)
     os.environ.update({**settings.argus_env(), **settings.client_env(), **flow_env(settings)})
+    from prefect.logging.configuration import setup_logging
+
     setup_logging()
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _ExpectedFailures) for f in handler.filters):

@@ -105,7 +105,7 @@ def _specs(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _register(settings: StackSettings, tmp_path: Path, strict: Path) -> dict[str, str]:
-    from argus import registry
+    from argus import registry, tracking
     from argus.data.generate import generate
     from argus.models.tiny import init_tiny
     from argus.storage import upload_dir
@@ -113,7 +113,7 @@ def _register(settings: StackSettings, tmp_path: Path, strict: Path) -> dict[str
 
     data_root = f"s3://{settings.bucket_data}/e2e-serving/suite"
     generate(data_root, tools=local_tools(settings), seed=5, sft_size=4, rl_size=2, eval_size=4, stack=settings)
-    lineage = {registry.TAG_SPEC_URI: str(strict), registry.TAG_DATA_ROOT: data_root}
+    lineage = {tracking.TAG_SPEC_URI: str(strict), tracking.TAG_DATA_ROOT: data_root}
     versions = {}
     for label, seed in (("v1", 0), ("v2", 1), ("v3", 0)):
         local = tmp_path / label

@@ -1,4 +1,4 @@
-"""`argus deploy` registers the flows as Prefect deployments; a run triggered through the Prefect API
+"""`argus flows deploy` registers the flows as Prefect deployments; a run triggered through the Prefect API
 is executed by the stack's worker exactly as `argus run` executes flows."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def test_deploy_then_trigger_register_through_the_worker(
 ) -> None:
     try:
         cli("stack", "up")
-        out = cli("deploy", timeout=400).stdout
+        out = cli("flows", "deploy", timeout=400).stdout
         for name in ("pipeline/pipeline-local", "pipeline/pipeline-kubernetes", "evaluate/evaluate-local"):
             assert name in out, out
         assert "work pool argus-kubernetes: created" in out and "work pool argus-local" in out

@@ -17,6 +17,7 @@ import kmock
 import pytest
 from kubernetes import client as k8s
 
+from argus import events
 from argus.backends.base import JobState
 from argus.backends.jobs import sft_job
 from argus.backends.kubernetes.backend import KubernetesBackend
@@ -185,16 +186,17 @@ def _job(spec: PipelineSpec, name: str) -> Any:
 
 
 def test_pytorchjob_created_running_succeeded(emulator: Emulator, spec: PipelineSpec) -> None:
-    step = json.dumps({"event": "step", "step": 1, "loss": 1.5})
-    log = f"loading\nARGUS {json.dumps({'event': 'start', 'step': 0})}\nARGUS {step}\n"
+    start = events.line(events.Start(step=0, total=1, mlflow_run_id="r1"))
+    step = events.line(events.Step(step=1, total=1, loss=1.5))
+    log = f"loading\n{start}\n[rank0]: {step}\n"
     controller = operator(emulator, "run1-sft", "Succeeded", log)
-    events: list[dict[str, Any]] = []
-    result = backend(emulator, spec).run(_job(spec, "run1-sft"), events.append)
+    seen: list[events.Event] = []
+    result = backend(emulator, spec).run(_job(spec, "run1-sft"), seen.append)
     controller.join(timeout=10)
     assert result.state is JobState.SUCCEEDED and result.succeeded
-    states = [e["type"] for e in events if e["event"] == "condition"]
+    states = [e.type for e in seen if isinstance(e, events.Condition)]
     assert states == ["Created", "Running", "Succeeded"]
-    assert [e["event"] for e in events if e["event"] != "condition"] == ["start", "step"]
+    assert [e.event for e in seen if e.event != "condition"] == ["start", "step"]
     custom, core = clients(emulator.url)
     job = custom.get_namespaced_custom_object("kubeflow.org", "v1", NS, "pytorchjobs", "run1-sft")
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3

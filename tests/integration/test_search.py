@@ -289,7 +289,7 @@ def test_retries_on_5xx_and_429_then_gives_up(tmp_path: Path, upstream: FakeUpst
         metrics = httpx.get(f"{url}/metrics").text
     assert busy.status_code == 503 and busy.headers["Retry-After"] == "5" and "429" in busy.text
     assert len(upstream.calls) == 6
-    assert 'argus_search_upstream_errors_total{provider="serpapi",status="429"} 3.0' in metrics
+    assert 'argus_search_upstream_errors_total{backend="serpapi",status="429"} 3.0' in metrics
 
 
 def test_api_key_is_never_returned_or_logged(
@@ -314,7 +314,7 @@ def test_api_key_is_never_returned_or_logged(
 def test_record_then_replay_makes_no_upstream_call_and_is_byte_identical(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
-    live = {"backend": "serpapi", "api_key": API_KEY, "serpapi_url": f"{upstream.base}/search.json"}
+    live = {"provider": "serpapi", "api_key": API_KEY, "serpapi_url": f"{upstream.base}/search.json"}
     queries = [{"query": "zorblat mountain height", "top_k": 3}, {"query": "ada quill", "top_k": 1}]
     with serve_app(create_app(settings(tmp_path, cache_mode="record", **live))) as url:
         recorded = [httpx.post(f"{url}/v1/search", json=q).content for q in queries]
@@ -341,7 +341,7 @@ def test_record_then_replay_makes_no_upstream_call_and_is_byte_identical(
 
 
 def test_live_mode_stores_nothing_and_cache_first_fills(tmp_path: Path, upstream: FakeUpstream) -> None:
-    live = {"backend": "serpapi", "api_key": API_KEY, "serpapi_url": f"{upstream.base}/search.json"}
+    live = {"provider": "serpapi", "api_key": API_KEY, "serpapi_url": f"{upstream.base}/search.json"}
     with serve_app(create_app(settings(tmp_path, cache_mode="live", **live))) as url:
         for _ in range(2):
             assert httpx.post(f"{url}/v1/search", json={"query": "zorblat"}).json()["cached"] is False
@@ -365,7 +365,7 @@ def test_snapshot_round_trip_through_s3(tmp_path: Path) -> None:
                     Entry(
                         key=f"k{i}",
                         kind="search",
-                        provider="offline",
+                        backend="offline",
                         query=f"q{i}",
                         params={"top_k": 3},
                         value=[{"i": i}],
@@ -397,7 +397,7 @@ def test_cache_keys_are_normalized() -> None:
 
 def test_redis_cache_shared_by_two_replicas(tmp_path: Path, upstream: FakeUpstream, redis_url: str) -> None:
     live = {
-        "backend": "serpapi",
+        "provider": "serpapi",
         "api_key": API_KEY,
         "serpapi_url": f"{upstream.base}/search.json",
         "cache_store": "redis",

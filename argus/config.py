@@ -78,11 +78,14 @@ class ModelSource(StrictModel):
 
     uri: Uri | None = None
     init_tiny: Literal["qwen2", "qwen2_5_vl"] | None = None
+    tiny_size: Literal["nano", "small"] = Field("nano", description="with init_tiny: nano (tests) or small")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
         if (self.uri is None) == (self.init_tiny is None):
             raise ValueError("set exactly one of 'uri' or 'init_tiny'")
+        if self.uri is not None and self.tiny_size != "nano":
+            raise ValueError("'tiny_size' goes with 'init_tiny', not 'uri'")
         return self
 
 
@@ -172,11 +175,23 @@ class TrainingJobSpec(StrictModel):
         return self.nodes * self.nproc_per_node
 
 
+class CurveSpec(StrictModel):
+    """A learning curve: every `every_steps` the trainer plays the first `tasks` held-out eval tasks with
+    the model it is training (in-process generation, the real tools) and logs accuracy and format rate
+    by family to its MLflow run. Off at 0; it needs the run's tool environment (the pipeline gives it)."""
+
+    every_steps: int = Field(0, ge=0)
+    tasks: int = Field(24, ge=1)
+    max_turns: int = Field(6, ge=1)
+
+
 class SFTSpec(TrainingJobSpec):
     epochs: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_seq_len: int = Field(4096, ge=16)
+    length_buckets: bool = Field(False, description="micro-batches of similar length (less padding)")
+    curve: CurveSpec = Field(default_factory=CurveSpec)
 
     def deepspeed_config(self, *, cuda: bool, bf16_ok: bool) -> dict[str, Any]:
         """The generated DeepSpeed config of this job: the trainer builds it for the device it finds, the
@@ -309,6 +324,8 @@ class EvalSuite(StrictModel):
     data: Uri | None = Field(None, description="eval parquet; the pipeline's eval split if unset")
     max_turns: int = Field(9, ge=1)
     limit: int | None = Field(None, ge=1, description="evaluate only the first N tasks")
+    samples: int = Field(0, ge=0, le=64, description="pass@k: also sample each task k times at temperature 1")
+    sample_limit: int | None = Field(None, ge=1, description="sample only the first N tasks (bounds the cost)")
 
 
 class PromotionGate(StrictModel):
@@ -356,10 +373,17 @@ class ServingSpec(StrictModel):
 # --------------------------------------------------------------------------------------------------
 
 
+Prompt = Literal["deepeyesv2", "compact"]
+
+
 class PipelineSpec(StrictModel):
     version: Literal[1] = 1
     name: str = Field(pattern=DNS_LABEL)
     backend: Literal["local", "kubernetes"] = "local"
+    prompt: Prompt = Field(
+        "deepeyesv2",
+        description="the prompt of training, evaluation and RL: DeepEyesV2's verbatim, or compact (miniatures)",
+    )
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     node_pools: dict[Annotated[str, Field(pattern=DNS_LABEL)], NodePool] = Field(default_factory=dict)
     model: ModelSpec
@@ -650,6 +674,7 @@ class SFTJobConfig(StrictModel):
     """Everything one SFT job needs; a PyTorchJob pod reads it from a mounted file or ARGUS_JOB_CONFIG."""
 
     job_name: str = Field(pattern=DNS_LABEL)
+    prompt: Prompt = Field("deepeyesv2", description="the prompt the dataset's conversations must start with")
     dataset: Uri = Field(description="sharegpt json")
     model: Uri = Field(description="base model directory (local or s3://)")
     checkpoint_uri: Uri = Field(description="prefix that receives step-N/ checkpoints")
@@ -658,3 +683,6 @@ class SFTJobConfig(StrictModel):
     mlflow_experiment: str = "argus"
     node_pool: str | None = None
     lineage: dict[str, str] = Field(default_factory=dict, description="extra tags for the MLflow run")
+    curve_data: Uri | None = Field(None, description="eval parquet of the learning curve (sft.curve)")
+    sandbox_url: str | None = Field(None, description="the run's code executor, for the learning curve")
+    search_url: str | None = Field(None, description="the run's search proxy, for the learning curve")

@@ -22,6 +22,7 @@ TAG_PIPELINE_RUN = "argus.pipeline.run"
 TAG_PIPELINE_ROOT = "argus.pipeline.root"  # marks the pipeline's own MLflow run among its stages' runs
 TAG_PIPELINE_FLOW_RUN_ID = "argus.pipeline.flow_run_id"
 TAG_DATA_PREFIX = "argus.data."  # + a data hash name (sft, eval, rl, manifest, search_index)
+TAG_PROMPT = "argus.prompt"  # deepeyesv2 | compact: the prompt a model is trained and evaluated with
 
 # -- training runs -------------------------------------------------------------------------------------
 TAG_STAGE = "argus.stage"

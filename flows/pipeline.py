@@ -33,7 +33,7 @@ def pipeline(spec_uri: str, run_name: str | None = None) -> PipelineResult:
         suite = data.run(ctx)
         with tools.running(ctx, suite) as endpoints:
             base = sft.base_model(ctx)
-            trained = sft.run(ctx, suite, base)
+            trained = sft.run(ctx, suite, base, endpoints)
             reports = evaluate.run(ctx, suite, endpoints, {"base": base[0], "sft": trained.model_uri})
         registered = register.run(ctx, suite, trained, reports)
         registered, serving = serve.run(ctx, registered)

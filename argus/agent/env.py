@@ -22,6 +22,7 @@ from argus.agent import prompts
 from argus.agent.actions import Action, parse
 from argus.agent.reward import Judge, Reward, score
 from argus.agent.task import Task
+from argus.config import Prompt
 
 MAX_OBSERVATION_IMAGES = 10  # DeepEyesV2 keeps at most 10 images per tool result
 
@@ -128,8 +129,10 @@ class AgentEnv:
         max_answer_chars: int = 300,
         accuracy_weight: float = 0.8,
         format_weight: float = 0.2,
+        prompt: Prompt = "deepeyesv2",
     ):
         self.tools = tools
+        self.prompt = prompt
         self.max_turns = max_turns
         self.code_timeout_s = code_timeout_s
         self.judge = judge
@@ -141,10 +144,7 @@ class AgentEnv:
         traj = Trajectory(
             task_id=task.id,
             family=task.family,
-            messages=[
-                {"role": "system", "content": prompts.SYSTEM_PROMPT},
-                {"role": "user", "content": prompts.USER_PROMPT.format(question=task.question)},
-            ],
+            messages=list(prompts.opening(self.prompt, task.question)),
             images=[task.image],
         )
         try:
@@ -248,6 +248,7 @@ class OpenAIPolicy:
         *,
         max_tokens: int = 512,
         temperature: float = 0.0,
+        seed: int | None = None,
         vision: bool = False,
         timeout_s: float = 300.0,
     ):
@@ -255,6 +256,7 @@ class OpenAIPolicy:
         self.model = model
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.seed = seed  # sampled runs are repeatable: the server draws from this seed per request
         self.vision = vision
         self.client = httpx.AsyncClient(timeout=timeout_s)
 
@@ -283,6 +285,7 @@ class OpenAIPolicy:
                 "max_tokens": self.max_tokens,
                 "temperature": self.temperature,
                 "stop": ["<|im_end|>"],
+                **({"seed": self.seed} if self.seed is not None else {}),
             },
         )
         resp.raise_for_status()

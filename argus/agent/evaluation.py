@@ -8,6 +8,7 @@ tool), mean turns, mean reward.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -15,8 +16,24 @@ from typing import Any
 
 from argus.agent.env import AgentEnv, OpenAIPolicy, ToolClients, Trajectory
 from argus.agent.task import Task
+from argus.config import Prompt
 
 TOOLS = ("python", "search", "image_search")
+
+
+def wilson(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95 % by default): unlike the normal approximation it
+    stays inside [0, 1] and is honest at 0 and n successes, which a small suite hits often."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def with_interval(value: float, low: float, high: float) -> str:
+    return f"{value:.3f} [{low:.2f}, {high:.2f}]"
 
 
 @dataclass
@@ -28,6 +45,8 @@ class Metrics:
     mean_turns: float
     mean_reward: float
     tool_mix: dict[str, float] = field(default_factory=dict)
+    accuracy_low: float = 0.0  # the 95 % Wilson interval of accuracy
+    accuracy_high: float = 1.0
 
     def flat(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}/{k}": float(v) for k, v in asdict(self).items() if k != "tool_mix"}
@@ -47,9 +66,13 @@ def summarize(trajectories: list[Trajectory]) -> dict[str, Metrics]:
         rewards = [t.reward for t in group if t.reward is not None]
         calls: Counter[str] = Counter(c.tool for t in group for c in t.tool_calls if c.tool in TOOLS)
         total_calls = sum(calls.values())
+        correct = sum(r.accuracy for r in rewards)
+        low, high = wilson(correct, n)
         out[name] = Metrics(
             n=n,
-            accuracy=sum(r.accuracy for r in rewards) / n if n else 0.0,
+            accuracy=correct / n if n else 0.0,
+            accuracy_low=low,
+            accuracy_high=high,
             format_rate=sum(r.format for r in rewards) / n if n else 0.0,
             tool_call_rate=sum(1 for t in group if any(c.tool in TOOLS for c in t.tool_calls)) / n if n else 0.0,
             mean_turns=sum(t.turns for t in group) / n if n else 0.0,
@@ -72,11 +95,14 @@ async def evaluate(
     code_timeout_s: float = 30.0,
     vision: bool = False,
     run_id: str = "eval",
+    prompt: Prompt = "deepeyesv2",
+    temperature: float = 0.0,
+    seed: int | None = None,
     on_done: Callable[[Trajectory], None] = lambda _t: None,
 ) -> list[Trajectory]:
-    policy = OpenAIPolicy(base_url, model, max_tokens=max_tokens, vision=vision)
+    policy = OpenAIPolicy(base_url, model, max_tokens=max_tokens, vision=vision, temperature=temperature, seed=seed)
     tools = ToolClients(sandbox_url, search_url, run_id=run_id)
-    env = AgentEnv(tools, max_turns=max_turns, code_timeout_s=code_timeout_s)
+    env = AgentEnv(tools, max_turns=max_turns, code_timeout_s=code_timeout_s, prompt=prompt)
     limit = asyncio.Semaphore(concurrency)
 
     async def one(task: Task) -> Trajectory:
@@ -102,6 +128,14 @@ def metrics_table(
     def get(m: Metrics | Mapping[str, Any], key: str) -> Any:
         return m[key] if isinstance(m, Mapping) else getattr(m, key)
 
+    def _accuracy(m: Metrics | Mapping[str, Any]) -> str:
+        if get_or(m, "accuracy_low") is None:  # recorded before intervals were
+            return f"{get(m, 'accuracy'):.3f}"
+        return with_interval(get(m, "accuracy"), get(m, "accuracy_low"), get(m, "accuracy_high"))
+
+    def get_or(m: Metrics | Mapping[str, Any], key: str) -> Any:
+        return m.get(key) if isinstance(m, Mapping) else getattr(m, key, None)
+
     labels = list(results)
     last = results[labels[-1]]
     families = sorted(last, key=lambda f: (f == "overall", f))
@@ -111,7 +145,7 @@ def metrics_table(
             [
                 family,
                 str(get(m, "n")),
-                f"{get(m, 'accuracy'):.3f}",
+                _accuracy(m),
                 f"{get(m, 'format_rate'):.3f}",
                 f"{get(m, 'tool_call_rate'):.3f}",
                 " ".join(f"{k} {v:.2f}" for k, v in get(m, "tool_mix").items()),
@@ -121,6 +155,8 @@ def metrics_table(
         ]
         return columns, rows
     final = labels[-1]
+    passes = sorted({k for m in last.values() for k in (m if isinstance(m, Mapping) else {}) if k.startswith("pass@")})
+    passes.sort(key=lambda k: int(k.split("@")[1]))
     columns = [
         "family",
         "n",
@@ -128,19 +164,40 @@ def metrics_table(
         *(f"{label} fmt" for label in labels),
         f"{final} tools",
         f"{final} turns",
+        *(f"{final} {k}" for k in passes),
     ]
     rows = [
         [
             family,
             str(get(last[family], "n")),
-            *(f"{get(results[label][family], 'accuracy'):.3f}" for label in labels),
+            *(_accuracy(results[label][family]) for label in labels),
             *(f"{get(results[label][family], 'format_rate'):.3f}" for label in labels),
             f"{get(last[family], 'tool_call_rate'):.3f}",
             f"{get(last[family], 'mean_turns'):.2f}",
+            *(f"{get(last[family], k):.3f}" if get_or(last[family], k) is not None else "-" for k in passes),
         ]
         for family in families
     ]
     return columns, rows
+
+
+def pass_rates(samples: list[list[Trajectory]]) -> dict[str, dict[str, float]]:
+    """pass@1 (accuracy over every sample) and pass@k (the share of tasks that some sample solved), per
+    family and overall; `samples[i]` is the i-th sampled run over the same tasks, in the same order."""
+    k = len(samples)
+    groups: dict[str, list[list[Trajectory]]] = {}
+    for per_task in zip(*samples, strict=True):
+        groups.setdefault(per_task[0].family, []).append(list(per_task))
+    groups["overall"] = [list(t) for t in zip(*samples, strict=True)]
+    out = {}
+    for family, tasks in sorted(groups.items()):
+        solved = [[bool(t.reward and t.reward.accuracy >= 1.0) for t in task] for task in tasks]
+        out[family] = {
+            "pass@1": sum(sum(s) for s in solved) / (k * len(solved)) if solved else 0.0,
+            f"pass@{k}": sum(any(s) for s in solved) / len(solved) if solved else 0.0,
+            "sampled_tasks": float(len(solved)),
+        }
+    return out
 
 
 @dataclass
@@ -149,6 +206,7 @@ class EvalRun:
     summary: dict[str, Metrics]
     serve_s: float
     eval_s: float
+    sampled: dict[str, dict[str, float]] = field(default_factory=dict)  # pass@1 / pass@k per family
 
     def report(self) -> dict[str, Any]:
         """Metrics and every trajectory as JSON (the MLflow artifact and `argus eval --out`)."""
@@ -178,27 +236,43 @@ def evaluate_endpoint(
     max_tokens: int = 256,
     concurrency: int = 8,
     run_id: str = "eval",
+    prompt: Prompt = "deepeyesv2",
+    samples: int = 0,
+    sample_limit: int | None = None,
     on_done: Callable[[Trajectory], None] = lambda _t: None,
     serve_s: float = 0.0,
 ) -> EvalRun:
     """Run the suite against a model server that is up (OpenAI API at `base_url`, serving `model`), with
     the code executor and the search proxy at their URLs. Serving the model is the caller's business
-    (`serve_s` is how long that took, for the report)."""
+    (`serve_s` is how long that took, for the report). Greedy decoding gives the headline metrics;
+    `samples` > 0 also samples the first `sample_limit` tasks that many times at temperature 1 (seeded
+    0..k-1) for pass@1 and pass@k."""
     import time
 
     started = time.monotonic()
-    trajectories = asyncio.run(
-        evaluate(
-            tasks,
-            base_url=base_url,
-            model=model,
-            sandbox_url=sandbox_url,
-            search_url=search_url,
-            max_turns=max_turns,
-            max_tokens=max_tokens,
-            concurrency=concurrency,
-            run_id=run_id,
-            on_done=on_done,
+
+    def run(subset: list[Task], temperature: float, seed: int | None, done: Callable[[Trajectory], None]) -> Any:
+        return asyncio.run(
+            evaluate(
+                subset,
+                base_url=base_url,
+                model=model,
+                sandbox_url=sandbox_url,
+                search_url=search_url,
+                max_turns=max_turns,
+                max_tokens=max_tokens,
+                concurrency=concurrency,
+                run_id=run_id,
+                prompt=prompt,
+                temperature=temperature,
+                seed=seed,
+                on_done=done,
+            )
         )
-    )
-    return EvalRun(trajectories, summarize(trajectories), serve_s, time.monotonic() - started)
+
+    trajectories: list[Trajectory] = run(tasks, 0.0, None, on_done)
+    sampled = {}
+    if samples > 0:
+        subset = tasks[:sample_limit]
+        sampled = pass_rates([run(subset, 1.0, i, lambda _t: None) for i in range(samples)])
+    return EvalRun(trajectories, summarize(trajectories), serve_s, time.monotonic() - started, sampled)

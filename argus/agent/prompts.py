@@ -1,8 +1,16 @@
-"""The prompt and observation strings of DeepEyesV2 (evaluation/inference_demo), kept verbatim.
+"""The prompt and observation strings of DeepEyesV2 (evaluation/inference_demo), kept verbatim, and the
+compact prompt a miniature may use instead.
 
 Models trained on DeepEyesV2 data have seen exactly these strings; changing a byte here changes the
-distribution a checkpoint is evaluated on.
+distribution a checkpoint is evaluated on. A spec chooses its prompt (`prompt: deepeyesv2 | compact`):
+the verbatim DeepEyesV2 prompt is the default and what the 7B spec uses. The compact prompt keeps the
+same action format (`<think>`, `<code>`, `<tool_call>`, `<answer>`) and the same tool contract (the
+image as `image_1`, `search` with a query, `image_search`, one call a turn), in about a tenth of the
+tokens, so that a tiny model spends its training on what it must produce rather than on a prompt it
+only reads. Training, evaluation and RL of one model use one prompt; the name travels with the model.
 """
+
+from argus.config import Prompt
 
 SYSTEM_PROMPT = """You are an agent - please keep going until the user's query is completely resolved, before ending your turn and yielding back to the user. Only terminate your turn when you are sure that the problem is solved.
 
@@ -83,6 +91,34 @@ Note:
 """
 
 USER_PROMPT = """<image>\n{question}\n\nYou must put your answer inside <answer> </answer> tags, i.e., <answer> answer here </answer>. Please reason step by step. Use Python code to process the image if necessary. You can conduct search to seek the Internet. Format strictly as <think> </think> <code> </code> (if code is neededs) or <think> </think> <tool_call> </tool_call> (if function call is neededs) or <think> <think> <answer> </answer>."""
+
+COMPACT_SYSTEM_PROMPT = """You answer questions about images. Each turn, think in <think> </think>, then do one of:
+- run Python in a Jupyter kernel: <code>
+```python
+...
+```
+</code> (the image is the PIL image `image_1`; print what you need; plt.show() shows a figure);
+- call a tool: <tool_call>{"name": "search", "arguments": {"query": "..."}}</tool_call> searches the web, <tool_call>{"name": "image_search"}</tool_call> searches with the image (once);
+- answer: <answer> </answer>."""
+
+COMPACT_USER_PROMPT = """<image>\n{question}"""
+
+PROMPTS: dict[str, tuple[str, str]] = {
+    "deepeyesv2": (SYSTEM_PROMPT, USER_PROMPT),
+    "compact": (COMPACT_SYSTEM_PROMPT, COMPACT_USER_PROMPT),
+}
+
+
+def opening(prompt: Prompt, question: str) -> list[dict[str, str]]:
+    """The system and user messages an episode starts with."""
+    system, user = PROMPTS[prompt]
+    return [{"role": "system", "content": system}, {"role": "user", "content": user.format(question=question)}]
+
+
+def prompt_of(system: str) -> str | None:
+    """Which prompt a conversation's system message is (None: neither of ours)."""
+    return next((name for name, (text, _user) in PROMPTS.items() if text == system), None)
+
 
 RETURN_PROMPT = """Code execution result:
 stdout:

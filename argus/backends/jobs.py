@@ -17,9 +17,10 @@ def base_model_uri(spec: PipelineSpec, settings: StackSettings) -> str:
 
     arch = spec.model.base.init_tiny
     assert arch is not None  # the spec model requires uri or init_tiny
-    path = settings.home / "models" / f"tiny-{arch}-seed{spec.sft.seed}"
+    size = spec.model.base.tiny_size
+    path = settings.home / "models" / f"tiny-{arch}-{size}-seed{spec.sft.seed}"
     if not (path / "config.json").exists():
-        init_tiny(arch, str(path), seed=spec.sft.seed)
+        init_tiny(arch, str(path), seed=spec.sft.seed, size=size)
     return str(path)
 
 
@@ -38,6 +39,7 @@ def sft_job(
 ) -> TrainingJob:
     config = SFTJobConfig(
         job_name=name,
+        prompt=spec.prompt,
         dataset=dataset,
         model=model,
         sft=spec.sft,

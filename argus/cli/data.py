@@ -23,6 +23,7 @@ def data_generate(
     runner: Annotated[
         str, typer.Option(help="sandbox runner for the gold trajectories (Argus's own code): process | gvisor")
     ] = "process",
+    prompt: Annotated[str, typer.Option(help="deepeyesv2 (verbatim) | compact (miniature runs)")] = "deepeyesv2",
     home: HomeOption = None,
 ) -> None:
     """Generate the miniature suite: SFT gold trajectories (run through the real tools), RL, eval, corpus."""
@@ -42,6 +43,8 @@ def data_generate(
                 bars[stage] = progress.add_task(stage, total=total)
             progress.update(bars[stage], completed=done, total=total)
 
+        if prompt not in ("deepeyesv2", "compact"):
+            exit_with_error(f"--prompt must be deepeyesv2 or compact, not {prompt!r}", 2)
         if runner not in ("process", "gvisor"):
             exit_with_error(f"--runner must be process or gvisor, not {runner!r}", 2)
         backend = LocalBackend(stack_settings(home))
@@ -54,6 +57,7 @@ def data_generate(
                 rl_size=rl_size,
                 eval_size=eval_size,
                 runner=runner,  # type: ignore[arg-type]
+                prompt=prompt,  # type: ignore[arg-type]
                 on_progress=update,
             )
         except (GenerationError, ToolsUnavailable) as exc:

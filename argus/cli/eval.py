@@ -18,6 +18,9 @@ def eval_command(
     max_turns: Annotated[int, typer.Option()] = 9,
     max_tokens: Annotated[int, typer.Option(help="per model turn")] = 256,
     runner: Annotated[str, typer.Option(help="sandbox runner: gvisor | process")] = "gvisor",
+    prompt: Annotated[
+        str, typer.Option(help="deepeyesv2 | compact: the prompt the model was trained with")
+    ] = "deepeyesv2",
     out: Annotated[Path | None, typer.Option(help="write metrics and trajectories (JSON) here")] = None,
     home: HomeOption = None,
 ) -> None:
@@ -34,6 +37,8 @@ def eval_command(
     from argus.storage import download_dir, join_uri
     from flows.stages.evaluate import serve_and_evaluate
 
+    if prompt not in ("deepeyesv2", "compact"):
+        exit_with_error(f"--prompt must be deepeyesv2 or compact, not {prompt!r}", 2)
     if runner not in ("gvisor", "process"):
         exit_with_error(f"--runner must be gvisor or process, not {runner!r}", 2)
     settings = stack_settings(home)
@@ -64,6 +69,7 @@ def eval_command(
                         tools=tools,
                         max_turns=max_turns,
                         max_tokens=max_tokens,
+                        prompt=prompt,  # type: ignore[arg-type]
                         on_done=lambda _t: progress.advance(bar),
                     )
                 finally:

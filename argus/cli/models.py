@@ -16,12 +16,16 @@ def models_init_tiny(
     arch: Annotated[str, typer.Option(help="qwen2 | qwen2_5_vl")],
     out: Annotated[str, typer.Option(help="output directory or s3:// prefix")],
     seed: Annotated[int, typer.Option()] = 0,
+    size: Annotated[str, typer.Option(help="nano (tests) | small (the quickstart's miniature)")] = "nano",
 ) -> None:
     """Build a tiny Qwen2 / Qwen2.5-VL with a locally trained tokenizer and save it (no download)."""
     if arch not in ("qwen2", "qwen2_5_vl"):
         exit_with_error(f"--arch must be qwen2 or qwen2_5_vl, not {arch!r}", 2)
-    from argus.models.tiny import init_tiny
+    from argus.models.tiny import SIZES, init_tiny
+
+    if size not in SIZES:
+        exit_with_error(f"--size must be one of {', '.join(SIZES)}, not {size!r}", 2)
 
     with console.status(f"building tiny {arch}…"):
-        files = init_tiny(arch, out, seed=seed)  # type: ignore[arg-type]
+        files = init_tiny(arch, out, seed=seed, size=size)  # type: ignore[arg-type]
     console.print(f"wrote {len(files)} files to {out}", highlight=False)

@@ -23,8 +23,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from argus.agent.prompts import opening
 from argus.agent.task import Task
-from argus.config import StackSettings
+from argus.config import Prompt, StackSettings
 from argus.storage import is_s3, join_uri, read_uri, write_uri
 
 ROLES = ("system", "user", "assistant")
@@ -109,15 +110,12 @@ def write_sharegpt(
 # -- RL / eval: verl parquet ------------------------------------------------------------------------
 
 
-def task_to_row(task: Task, index: int, data_source: str = "argus_mini") -> dict[str, Any]:
-    from argus.agent.prompts import SYSTEM_PROMPT, USER_PROMPT
-
+def task_to_row(
+    task: Task, index: int, data_source: str = "argus_mini", prompt: Prompt = "deepeyesv2"
+) -> dict[str, Any]:
     return {
         "data_source": data_source,
-        "prompt": [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": USER_PROMPT.format(question=task.question)},
-        ],
+        "prompt": opening(prompt, task.question),
         "images": [{"bytes": task.image, "path": None}],
         "ability": task.family,
         "env_name": ENV_NAME,
@@ -134,8 +132,10 @@ def task_to_row(task: Task, index: int, data_source: str = "argus_mini") -> dict
     }
 
 
-def write_rl_parquet(uri: str, tasks: list[Task], settings: StackSettings | None = None) -> None:
-    table = pa.Table.from_pylist([task_to_row(t, i) for i, t in enumerate(tasks)])
+def write_rl_parquet(
+    uri: str, tasks: list[Task], settings: StackSettings | None = None, prompt: Prompt = "deepeyesv2"
+) -> None:
+    table = pa.Table.from_pylist([task_to_row(t, i, prompt=prompt) for i, t in enumerate(tasks)])
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     write_uri(uri, buf.getvalue(), settings)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from argus.agent.env import AgentEnv, ScriptedPolicy, ToolClients, Trajectory
-from argus.config import SandboxSpec, StackSettings, ToolsSpec
+from argus.config import Prompt, SandboxSpec, StackSettings, ToolsSpec
 from argus.data import formats
 from argus.data.search_index import build_index
 from argus.data.tasks import MiniTask, Suite, build_suite
@@ -90,10 +90,11 @@ async def run_gold(
     tasks: list[MiniTask],
     tools: ToolClients,
     *,
+    prompt: Prompt = "deepeyesv2",
     concurrency: int = 8,
     on_done: Callable[[Trajectory], None] = lambda _t: None,
 ) -> list[Trajectory]:
-    env = AgentEnv(tools, max_turns=9)
+    env = AgentEnv(tools, max_turns=9, prompt=prompt)
     limit = asyncio.Semaphore(concurrency)
 
     async def one(mini: MiniTask) -> Trajectory:
@@ -124,6 +125,7 @@ def generate(
     # gVisor: the process runner writes the same files (all 453 of the quickstart suite hash the same)
     # in 30 s instead of 86 s on 2 cores. Rollouts and evaluations keep the spec's runner.
     runner: Literal["gvisor", "process"] = "process",
+    prompt: Prompt = "deepeyesv2",
     stack: StackSettings | None = None,
     on_progress: Callable[[str, int, int], None] = lambda _s, _i, _n: None,
 ) -> GenerateResult:
@@ -144,7 +146,7 @@ def generate(
                     on_progress("gold trajectories", done, len(suite.sft))
 
                 try:
-                    return await run_gold(suite.sft, tools, on_done=tick)
+                    return await run_gold(suite.sft, tools, prompt=prompt, on_done=tick)
                 finally:
                     await tools.aclose()
 
@@ -152,12 +154,13 @@ def generate(
             cache = _emblem_cache(suite, trajectories)
 
         formats.write_sharegpt(str(staging / "sft" / "sft.json"), [t.to_sharegpt() for t in trajectories])
-        formats.write_rl_parquet(str(staging / "rl" / "train.parquet"), [m.task for m in suite.rl])
-        formats.write_rl_parquet(str(staging / "eval" / "eval.parquet"), [m.task for m in suite.eval])
+        formats.write_rl_parquet(str(staging / "rl" / "train.parquet"), [m.task for m in suite.rl], prompt=prompt)
+        formats.write_rl_parquet(str(staging / "eval" / "eval.parquet"), [m.task for m in suite.eval], prompt=prompt)
         formats.write_image_search_cache(str(staging / "search" / "image_search_cache.json"), cache)
 
         manifest: dict[str, Any] = {
             "seed": seed,
+            "prompt": prompt,
             "sizes": {"sft": sft_size, "rl": rl_size, "eval": eval_size},
             "families": {
                 name: dict(sorted(Counter(m.task.family for m in split).items()))

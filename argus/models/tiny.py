@@ -60,23 +60,25 @@ CHAT_TEMPLATE = (
 
 
 def training_texts(seed: int = 0) -> list[str]:
-    """The text the tokenizer learns its merges from: prompts, actions, observations, corpus."""
+    """The text the tokenizer learns its merges from: both prompts, and the training split's actions,
+    observations and corpus. Never the eval split: its entities stay unseen, by the tokenizer too."""
     from argus.agent import prompts
     from argus.data.tasks import build_suite
 
-    suite = build_suite(seed, sft_size=400, rl_size=0, eval_size=120)
-    texts = [prompts.SYSTEM_PROMPT] * 20
-    for mini in suite.sft + suite.eval:
+    suite = build_suite(seed, sft_size=400, rl_size=0, eval_size=0)
+    train_entities = suite.entities[: len(suite.entities) * 2 // 3]  # build_suite's training pool
+    texts = [system for system, _user in prompts.PROMPTS.values()] * 20
+    for mini in suite.sft:
         texts.append(prompts.USER_PROMPT.format(question=mini.task.question))
         texts.extend(mini.gold)
         texts.append(prompts.code_observation(mini.task.answer + "\n", "", 0))
-    texts.extend(e.document()["text"] for e in suite.entities)
+    texts.extend(e.document()["text"] for e in train_entities)
     texts.extend(
         prompts.search_observation(
             f"A Google search for '{e.name} founded' found 5 results:\n\n"
             f"## Web Results\n1. [{e.name}]({e.document()['url']})"
         )
-        for e in suite.entities
+        for e in train_entities
     )
     texts.extend(str(n) for n in range(0, 2000, 7))
     return texts
@@ -121,13 +123,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Any:
     return fast
 
 
-def _text_config(tokenizer: Any) -> dict[str, Any]:
+# Text model sizes. `nano` (~0.9M parameters) is what tests train in seconds; `small` is the quickstart's
+# miniature, sized to learn the suite's tool use in a few minutes on 2 CPU cores.
+SIZES: dict[str, dict[str, int]] = {
+    "nano": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "small": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8},
+}
+Size = Literal["nano", "small"]
+
+
+def _text_config(tokenizer: Any, size: Size = "nano") -> dict[str, Any]:
     return dict(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **SIZES[size],
         num_key_value_heads=2,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
@@ -138,7 +146,7 @@ def _text_config(tokenizer: Any) -> dict[str, Any]:
     )
 
 
-def build(arch: Arch, seed: int = 0) -> tuple[Any, Any, Any]:
+def build(arch: Arch, seed: int = 0, size: Size = "nano") -> tuple[Any, Any, Any]:
     """(model, tokenizer, image processor or None) for `arch`, randomly initialised from `seed`."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -146,13 +154,13 @@ def build(arch: Arch, seed: int = 0) -> tuple[Any, Any, Any]:
     tokenizer = train_tokenizer(training_texts(seed))
     torch.manual_seed(seed)
     if arch == "qwen2":
-        text_model = Qwen2ForCausalLM(Qwen2Config(**_text_config(tokenizer), dtype="float32"))
+        text_model = Qwen2ForCausalLM(Qwen2Config(**_text_config(tokenizer, size), dtype="float32"))
         return text_model.eval(), tokenizer, None  # type: ignore[no-untyped-call]
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     ids = tokenizer.convert_tokens_to_ids
-    text = _text_config(tokenizer)
+    text = _text_config(tokenizer, size)
     vl_config = Qwen2_5_VLConfig(
         text_config={
             **text,
@@ -184,9 +192,11 @@ def build(arch: Arch, seed: int = 0) -> tuple[Any, Any, Any]:
     return vl_model.eval(), tokenizer, image_processor  # type: ignore[no-untyped-call]
 
 
-def init_tiny(arch: Arch, out: str, *, seed: int = 0, stack: StackSettings | None = None) -> list[str]:
+def init_tiny(
+    arch: Arch, out: str, *, seed: int = 0, size: Size = "nano", stack: StackSettings | None = None
+) -> list[str]:
     """Build and save a tiny model to a local directory or an s3:// prefix; returns the written files."""
-    model, tokenizer, processor = build(arch, seed)
+    model, tokenizer, processor = build(arch, seed, size)
     with tempfile.TemporaryDirectory(prefix="argus-tiny-") as tmp:
         local = Path(tmp)
         model.generation_config.eos_token_id = tokenizer.eos_token_id

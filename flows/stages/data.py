@@ -25,7 +25,7 @@ from flows.runtime import make_backend, stack_settings, transient
 
 def _data_key(_ctx: Any, p: dict[str, Any]) -> str:
     spec: PipelineSpec = p["spec"]
-    return cache_key("data", spec.name, spec.data.model_dump(mode="json"))
+    return cache_key("data", spec.name, spec.data.model_dump(mode="json"), spec.prompt)
 
 
 @task(
@@ -54,7 +54,9 @@ def prepare_data(spec: PipelineSpec) -> DataRef:
         )  # fmt: skip
     from argus.data.generate import generate
 
-    root = f"s3://{settings.bucket_data}/{spec.name}/{cache_key('generated', gen.model_dump())[-16:]}"
+    # The default prompt keeps the key it always had, so a suite generated before the setting is found.
+    key = gen.model_dump() if spec.prompt == "deepeyesv2" else {**gen.model_dump(), "prompt": spec.prompt}
+    root = f"s3://{settings.bucket_data}/{spec.name}/{cache_key('generated', key)[-16:]}"
     try:
         manifest = json.loads(read_uri(join_uri(root, "manifest.json"), settings))
         generated = False
@@ -77,6 +79,7 @@ def prepare_data(spec: PipelineSpec) -> DataRef:
                 sft_size=gen.sft_size,
                 rl_size=gen.rl_size,
                 eval_size=gen.eval_size,
+                prompt=spec.prompt,
                 stack=settings,
                 on_progress=progress,
             ).manifest

@@ -23,12 +23,12 @@ from argus.agent.env import Trajectory
 from argus.agent.evaluation import EvalRun, evaluate_endpoint, metrics_table
 from argus.agent.task import Task
 from argus.backends.base import Backend, ModelServer, ToolEndpoints
-from argus.config import EvalSuite, PipelineSpec, ServingTarget, ToolsSpec
+from argus.config import EvalSuite, PipelineSpec, Prompt, ServingTarget, StackSettings, ToolsSpec
 from argus.data.formats import read_rl_parquet
-from argus.storage import fingerprint, join_uri
+from argus.storage import fingerprint, join_uri, read_uri
 from flows.context import RunContext
 from flows.results import DataRef, EvalReport, cache_key
-from flows.runtime import artifact_key, flow_run_links, make_backend, mlflow_client, stack_settings
+from flows.runtime import FlowError, artifact_key, flow_run_links, make_backend, mlflow_client, stack_settings
 from flows.serving import deploy, deployment_name
 
 
@@ -44,6 +44,9 @@ def serve_and_evaluate(
     max_tokens: int = 256,
     concurrency: int = 8,
     run_id: str = "eval",
+    prompt: Prompt = "deepeyesv2",
+    samples: int = 0,
+    sample_limit: int | None = None,
     on_done: Callable[[Trajectory], None] = lambda _t: None,
 ) -> EvalRun:
     """Serve the model through the backend (vLLM), run the suite against it with the tools live, and
@@ -61,6 +64,9 @@ def serve_and_evaluate(
             max_tokens=max_tokens,
             concurrency=concurrency,
             run_id=run_id,
+            prompt=prompt,
+            samples=samples,
+            sample_limit=sample_limit,
             on_done=on_done,
             serve_s=time.monotonic() - started,
         )
@@ -71,8 +77,35 @@ def serve_and_evaluate(
 def _eval_key(_ctx: Any, p: dict[str, Any]) -> str:
     suite = p["suite"]
     return cache_key(
-        "eval", p["model_fingerprint"], p["suite_fingerprint"], EvalSuite.model_validate(suite).model_dump()
+        "eval",
+        p["model_fingerprint"],
+        p["suite_fingerprint"],
+        EvalSuite.model_validate(suite).model_dump(),
+        p.get("prompt", "deepeyesv2"),
     )
+
+
+class PromptMismatch(FlowError):
+    """A model is evaluated with another prompt than the one it was trained with."""
+
+
+def training_prompt(model_uri: str, settings: StackSettings) -> str | None:
+    """The prompt an Argus trainer recorded in the model's `argus_export.json` (None: not an Argus export,
+    e.g. a base model)."""
+    try:
+        record = json.loads(read_uri(join_uri(model_uri, "argus_export.json"), settings))
+    except FileNotFoundError:
+        return None
+    return str(record["prompt"]) if "prompt" in record else None
+
+
+def check_prompt(model_uri: str, prompt: str, settings: StackSettings) -> None:
+    trained = training_prompt(model_uri, settings)
+    if trained is not None and trained != prompt:
+        raise PromptMismatch(
+            f"{model_uri} was trained with the {trained!r} prompt and would be evaluated with the {prompt!r} "
+            "prompt: a model answers to the prompt it learned (set the spec's `prompt` to the training one)"
+        )
 
 
 @task(name="run-eval", persist_result=True, cache_key_fn=_eval_key, retries=1, retry_delay_seconds=15)
@@ -93,6 +126,7 @@ def run_eval(
     baseline: bool,
     server: ModelServer | None = None,
     spec: PipelineSpec | None = None,
+    prompt: Prompt = "deepeyesv2",
 ) -> EvalReport:
     log = get_run_logger()
     settings = stack_settings()
@@ -119,6 +153,9 @@ def run_eval(
                 tasks=tasks,
                 max_turns=suite.max_turns,
                 run_id=name,
+                prompt=prompt,
+                samples=suite.samples,
+                sample_limit=suite.sample_limit,
                 on_done=tick,
             )
         else:
@@ -133,6 +170,9 @@ def run_eval(
                 max_turns=suite.max_turns,
                 concurrency=8,
                 run_id=name,
+                prompt=prompt,
+                samples=suite.samples,
+                sample_limit=suite.sample_limit,
                 on_done=tick,
             )
     finally:
@@ -148,11 +188,13 @@ def run_eval(
         tracking.TAG_EVAL_MODEL_FINGERPRINT: model_fingerprint,
         tracking.TAG_EVAL_SUITE: suite.name,
         tracking.TAG_EVAL_BASELINE: str(baseline).lower(),
+        tracking.TAG_PROMPT: prompt,
         tracking.TAG_CODE_VERSION: tracking.code_version(),
         **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
     }
     run = client.create_run(experiment_id, run_name=f"eval-{label}", tags=tags)
     metrics = {k: v for name_, m in result.summary.items() for k, v in m.flat(name_).items()}
+    metrics.update({f"{family}/{k}": v for family, rates in result.sampled.items() for k, v in rates.items()})
     metrics.update({"serve_s": result.serve_s, "eval_s": result.eval_s})
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / f"eval-{label}.json"
@@ -174,13 +216,21 @@ def run_eval(
         description=f"{label}: {model_uri} on suite {suite.name} ({len(tasks)} tasks)",
     )
     overall = result.summary["overall"]
-    log.info("%s: accuracy %.3f, format rate %.3f", label, overall.accuracy, overall.format_rate)
+    log.info(
+        "%s: accuracy %.3f [%.3f, %.3f], format rate %.3f%s",
+        label,
+        overall.accuracy,
+        overall.accuracy_low,
+        overall.accuracy_high,
+        overall.format_rate,
+        "".join(f", {k} {v:.3f}" for k, v in result.sampled.get("overall", {}).items() if k.startswith("pass@")),
+    )
     return EvalReport(
         label=label,
         model_uri=model_uri,
         model_fingerprint=model_fingerprint,
         suite=suite.name,
-        metrics={k: m.__dict__ for k, m in result.summary.items()},
+        metrics={k: {**m.__dict__, **result.sampled.get(k, {})} for k, m in result.summary.items()},
         mlflow_run_id=run.info.run_id,
         mlflow_run_url=tracking.mlflow_run_url(settings, experiment_id, run.info.run_id),
         serve_s=result.serve_s,
@@ -203,12 +253,15 @@ def evaluate(
     baseline: bool = False,
     server: ModelServer | None = None,
     spec: PipelineSpec | None = None,
+    prompt: Prompt | None = None,
 ) -> EvalReport:
     """Evaluate `model_uri` (directory or s3:// prefix, Hugging Face layout) on the suite under
     `data_uri` (`eval/eval.parquet`, `search/index.sqlite`). `spec` is the pipeline spec the model comes
     from: the kubernetes backend places servers and tools by it (namespace, images, node pools)."""
     settings = stack_settings()
     suite = suite or EvalSuite(name="eval")
+    prompt = prompt or (spec.prompt if spec is not None else "deepeyesv2")
+    check_prompt(model_uri, prompt, settings)
     model_fp = fingerprint(model_uri, settings)
     suite_fp = fingerprint(suite.data or join_uri(data_uri, "eval", "eval.parquet"), settings)
     state = run_eval(
@@ -227,6 +280,7 @@ def evaluate(
         baseline=baseline,
         server=server,
         spec=spec,
+        prompt=prompt,
         return_state=True,
     )
     report: EvalReport = state.result()

@@ -70,6 +70,7 @@ def run(ctx: RunContext, data: DataRef, trained: SFTResult, reports: dict[str, E
         tracking.TAG_SPEC_URI: ctx.spec_uri,
         tracking.TAG_DATA_ROOT: data.data_root,
         tracking.TAG_SFT_RUN_ID: trained.mlflow_run_id or "",
+        tracking.TAG_PROMPT: ctx.spec.prompt,
         **{tracking.eval_run_tag(label): report.mlflow_run_id for label, report in reports.items()},
         **{
             tracking.eval_metric_tag(label, family, metric): f"{report.value(metric, family):.4f}"

@@ -16,6 +16,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from argus import events
+from argus.backends.base import ToolEndpoints
 from argus.backends.jobs import base_model_uri, sft_job
 from argus.config import PipelineSpec
 from argus.storage import fingerprint
@@ -67,6 +68,7 @@ def train_sft(
     base_fingerprint: str,
     parent_run_id: str | None,
     lineage: dict[str, str],
+    tools: ToolEndpoints | None = None,
 ) -> SFTResult:
     """Submit the SFT job to the backend and follow it; the same inputs reuse the checkpoint prefix,
     so a re-run after a crash resumes where the job stopped."""
@@ -85,6 +87,8 @@ def train_sft(
     )
     if spec.sft.checkpoint.uri is None:
         job.config["checkpoint_uri"] = f"s3://{settings.bucket_checkpoints}/{spec.name}/{run_name}/sft-{suffix}"
+    if spec.sft.curve.every_steps and tools is not None:  # the learning curve plays held-out tasks
+        job.config.update(curve_data=data.eval, sandbox_url=tools.sandbox_url, search_url=tools.search_url)
     follower = _Follower(run_name, name)
     backend = make_backend(spec.backend, settings, spec)
     started = time.monotonic()
@@ -115,9 +119,11 @@ def base_model(ctx: RunContext) -> tuple[str, str]:
     return uri, fingerprint(uri, ctx.settings)
 
 
-def run(ctx: RunContext, data: DataRef, base: tuple[str, str]) -> SFTResult:
+def run(ctx: RunContext, data: DataRef, base: tuple[str, str], tools: ToolEndpoints) -> SFTResult:
     with ctx.stage("sft") as clock:
-        state = train_sft(ctx.spec, ctx.run, data, base[0], base[1], ctx.mlflow_run_id, ctx.lineage, return_state=True)
+        state = train_sft(
+            ctx.spec, ctx.run, data, base[0], base[1], ctx.mlflow_run_id, ctx.lineage, tools, return_state=True
+        )
         result: SFTResult = state.result()
         clock.work_s, clock.cached = result.work_s, state.name == "Cached"
     return result

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from argus.agent.prompts import prompt_of
 from argus.config import StackSettings
 from argus.data.formats import IMAGE_TOKEN, DataFormatError, SFTExample
 from argus.storage import read_uri
@@ -92,6 +93,19 @@ class Encoder:
         return Encoded(input_ids, labels, pixel_values, grid)
 
 
+def check_prompt(examples: list[SFTExample], prompt: str, where: str) -> None:
+    """Refuse a dataset whose conversations open with one of Argus's prompts other than the job's: the
+    model would learn one prompt and be evaluated (and rolled out) with another."""
+    for i, example in enumerate(examples):
+        first = example.messages[0] if example.messages else {}
+        used = prompt_of(str(first.get("content", ""))) if first.get("role") == "system" else None
+        if used is not None and used != prompt:
+            raise DataFormatError(
+                f"{where}: example {i} opens with the {used!r} prompt, but the job trains with the {prompt!r} "
+                "prompt (the spec's `prompt`): generate the data with the same prompt"
+            )
+
+
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; images of the whole micro-batch are concatenated in order."""
     width = max(len(e.input_ids) for e in batch)
@@ -115,18 +129,49 @@ class Schedule:
 
     The position is one integer (samples consumed by all ranks together), which is all a checkpoint
     needs to resume the data exactly where it stopped.
+
+    With `lengths`, rounds are length-bucketed: each window of `bucket` rounds of the shuffled order is
+    sorted by length before it is cut into rounds, and the rounds are shuffled again, so a micro-batch
+    holds examples of similar length (little padding: every rank pads to its longest) while the order
+    stays random at the scale of an epoch.
     """
 
-    def __init__(self, n: int, seed: int, world: int, rank: int, micro_batch: int):
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        world: int,
+        rank: int,
+        micro_batch: int,
+        lengths: list[int] | None = None,
+        bucket: int = 16,
+    ):
         if n < world * micro_batch:
             raise DataFormatError(f"{n} usable examples cannot fill one micro-batch of {micro_batch} on {world} ranks")
         self.n, self.seed, self.world, self.rank, self.micro_batch = n, seed, world, rank, micro_batch
         self.per_round = world * micro_batch
         self.rounds_per_epoch = n // self.per_round  # the remainder of an epoch is dropped, like drop_last
+        self.lengths = lengths
+        self.bucket = bucket
+        self._cached: tuple[int, list[int]] | None = None
 
     def _order(self, epoch: int) -> list[int]:
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
         order = list(range(self.n))
-        random.Random(f"{self.seed}-{epoch}").shuffle(order)
+        rng = random.Random(f"{self.seed}-{epoch}")
+        rng.shuffle(order)
+        if self.lengths is not None:
+            used = order[: self.rounds_per_epoch * self.per_round]
+            window = self.per_round * self.bucket
+            rounds: list[list[int]] = []
+            for start in range(0, len(used), window):
+                chunk = sorted(used[start : start + window], key=lambda i: self.lengths[i])  # type: ignore[index]
+                rounds += [chunk[k : k + self.per_round] for k in range(0, len(chunk), self.per_round)]
+            rng.shuffle(rounds)
+            # Within a round, rank r takes the r-th slice: alternate so ranks get similar lengths.
+            order = [i for r in rounds for i in (r[0::2] + r[1::2] if self.world == 2 else r)]
+        self._cached = (epoch, order)
         return order
 
     def micro_batch_at(self, position: int) -> list[int]:

@@ -30,13 +30,15 @@ import yaml
 from pydantic import ValidationError
 
 from argus import events, tracking
+from argus.agent.task import Task
 from argus.config import SFTJobConfig, StackSettings
-from argus.data.formats import DataFormatError, read_sharegpt
+from argus.data.formats import DataFormatError, read_rl_parquet, read_sharegpt
 from argus.storage import download_dir, is_s3, read_uri, upload_dir
 from argus.supervision import die_with_parent
 from trainers.checkpoint import CheckpointStore
 from trainers.deepspeed import deepspeed_config, torch_extensions_dir
-from trainers.sft.data import Encoded, Encoder, Schedule, collate
+from trainers.rollout import LocalPolicy, evaluate_in_process
+from trainers.sft.data import Encoded, Encoder, Schedule, check_prompt, collate
 
 log = logging.getLogger("argus.sft")
 TAG = "ckpt"
@@ -140,15 +142,24 @@ class Trainer:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         self.dataset_sha256 = hashlib.sha256(read_uri(job.dataset, self.settings)).hexdigest()
         examples = read_sharegpt(job.dataset, check_images=not is_s3(job.dataset), settings=self.settings)
+        check_prompt(examples, job.prompt, job.dataset)
         encoder = Encoder(self.tokenizer, self.image_processor, job.sft.max_seq_len, self.settings)
         encoded = [encoder.encode(ex, f"{job.dataset}: row {i}") for i, ex in enumerate(examples)]
         self.examples: list[Encoded] = [e for e in encoded if e is not None]
         self.dropped = len(encoded) - len(self.examples)
+        self.curve_tasks: list[Task] | None = None
         if self.dropped and self.is_main:
             log.warning(
                 "dropped %d of %d examples longer than max_seq_len=%d", self.dropped, len(encoded), job.sft.max_seq_len
             )
-        self.schedule = Schedule(len(self.examples), job.sft.seed, self.world, self.rank, job.sft.micro_batch_size)
+        self.schedule = Schedule(
+            len(self.examples),
+            job.sft.seed,
+            self.world,
+            self.rank,
+            job.sft.micro_batch_size,
+            lengths=[len(e.input_ids) for e in self.examples] if job.sft.length_buckets else None,
+        )
         steps_per_epoch = max(1, self.schedule.rounds_per_epoch // job.sft.grad_accum)
         self.total_steps = job.sft.max_steps or max(1, math.ceil(job.sft.epochs * steps_per_epoch))
         optim = job.sft.optim
@@ -223,6 +234,43 @@ class Trainer:
         for path in sorted(local.rglob("*"), reverse=True):
             path.unlink() if path.is_file() else path.rmdir()
 
+    # -- the learning curve ----------------------------------------------------------------------------
+
+    def learning_curve(self, step: int, tracker: tracking.RunTracker | None) -> None:
+        """Rank 0 plays the held-out curve tasks with the weights of this step; the others wait for it.
+        Greedy generation draws no random numbers, so training continues exactly as without the curve."""
+        job = self.job
+        if self.is_main and tracker is not None:
+            if job.curve_data is None or job.sandbox_url is None or job.search_url is None or self.is_vl:
+                log.warning("sft.curve: no eval data or tools given (or a VL model), skipping the curve")
+            else:
+                if self.curve_tasks is None:
+                    self.curve_tasks = read_rl_parquet(job.curve_data, self.settings)[: job.sft.curve.tasks]
+                started = time.perf_counter()
+                model = self.engine.module
+                model.eval()
+                try:
+                    summary = evaluate_in_process(
+                        LocalPolicy(model, self.tokenizer),
+                        self.curve_tasks,
+                        sandbox_url=job.sandbox_url,
+                        search_url=job.search_url,
+                        prompt=job.prompt,
+                        max_turns=job.sft.curve.max_turns,
+                        run_id=f"{job.job_name}-curve",
+                    )
+                finally:
+                    model.train()
+                figures = {
+                    f"curve/{family}/{name}": getattr(m, name)
+                    for family, m in summary.items()
+                    for name in ("accuracy", "format_rate", "tool_call_rate")
+                }
+                figures["curve/seconds"] = time.perf_counter() - started
+                tracker.log_metrics(figures, step)
+                log.info("learning curve at step %d: %s", step, {k: round(v, 3) for k, v in figures.items()})
+        self.dist.barrier()
+
     # -- the loop --------------------------------------------------------------------------------------
 
     def train(self) -> None:
@@ -238,6 +286,7 @@ class Trainer:
                 tracking.TAG_BASE_MODEL_URI: job.model,
                 tracking.TAG_CODE_VERSION: tracking.code_version(),
                 tracking.TAG_NODE_POOL: job.node_pool or "local",
+                tracking.TAG_PROMPT: job.prompt,
                 **job.lineage,
             }
             tracker = tracking.RunTracker(job.mlflow_experiment, job.job_name, tags=tags, resume_run_id=run_id)
@@ -301,6 +350,9 @@ class Trainer:
                             **{k.split("/")[1]: round(v, 6) for k, v in metrics.items()},
                         )
                     )
+                curve = job.sft.curve.every_steps
+                if curve and (step % curve == 0 or step == self.total_steps):
+                    self.learning_curve(step, tracker)
                 if step % every == 0 or step == self.total_steps:
                     self.save(step, position, run_id)
             self.export(run_id, step)
@@ -339,6 +391,7 @@ class Trainer:
                         "base_model": self.job.model,
                         "dataset": self.job.dataset,
                         "dataset_sha256": self.dataset_sha256,
+                        "prompt": self.job.prompt,
                     },
                     indent=1,
                 )

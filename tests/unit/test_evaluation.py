@@ -93,3 +93,20 @@ def test_the_prompt_round_trips_from_spec_to_job_and_refuses_a_mismatch(tmp_path
     with pytest.raises(PromptMismatch, match=r"trained with the 'compact' prompt.*with the 'deepeyesv2' prompt"):
         check_prompt(str(model), "deepeyesv2", settings)
     check_prompt(str(root / "base-model"), "deepeyesv2", settings)  # no record: a base model
+
+
+def test_the_in_process_policy_renders_the_training_layout_and_stops_at_the_turn_end() -> None:
+    import asyncio
+
+    from argus.agent import prompts
+    from argus.models.tiny import build
+    from trainers.rollout import LocalPolicy
+
+    model, tokenizer, _ = build("qwen2", seed=0)
+    policy = LocalPolicy(model, tokenizer, max_new_tokens=12)
+    messages = prompts.opening("compact", "What colour is the shape in row 1, column 1?")
+    rendered = policy.render(messages)
+    assert rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_start|>assistant\n")
+    turn = asyncio.run(policy(messages, []))
+    assert isinstance(turn, str) and "<|im_end|>" not in turn
+    assert policy.generate(messages) == turn  # greedy: the same weights give the same turn

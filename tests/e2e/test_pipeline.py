@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 def _quickstart(tmp_path: Path, **sft: object) -> Path:
     spec = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     spec["sft"].update(sft)
-    # The first 10 of the 150 eval tasks keep the test shorter; training is exactly the quickstart's.
+    # The first 10 of the 60 eval tasks keep the test shorter; training is exactly the quickstart's.
     spec["eval"]["suites"][0]["limit"] = 10
     path = tmp_path / "quickstart.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -54,7 +54,7 @@ def _ours(home: str, *needles: str) -> list[psutil.Process]:
 
 def test_bad_spec_fails_before_anything_starts(cli: Cli, stack_env: dict[str, str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO / "examples" / "quickstart.yaml").read_text().replace("epochs: 2 ", "epochs: -1 "))
+    bad.write_text((REPO / "examples" / "quickstart.yaml").read_text().replace("epochs: 8", "epochs: -1"))
     result = cli("run", str(bad), check=False)
     assert result.returncode == 1
     assert f"{bad}:" in result.stderr and "sft.epochs" in result.stderr

@@ -76,8 +76,12 @@ def test_the_prompt_round_trips_from_spec_to_job_and_refuses_a_mismatch(tmp_path
     from flows.stages.evaluate import PromptMismatch, check_prompt
     from trainers.sft.data import check_prompt as check_dataset
 
+    import yaml
+
     root = Path(str(tmp_path))
-    spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml")
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml").read_text())
+    (root / "spec.yaml").write_text(yaml.safe_dump({**raw, "prompt": "compact"}))
+    spec = load_spec(root / "spec.yaml")
     assert spec.prompt == "compact"
     settings = StackSettings(home=root)
     job = sft_job(spec, settings, name="rt-sft", dataset="d.json", model="m")

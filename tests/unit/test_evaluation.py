@@ -67,6 +67,8 @@ def test_the_prompt_round_trips_from_spec_to_job_and_refuses_a_mismatch(tmp_path
     import json
     from pathlib import Path
 
+    import yaml
+
     from argus.agent import prompts
     from argus.backends.jobs import sft_job
     from argus.config import StackSettings
@@ -75,8 +77,6 @@ def test_the_prompt_round_trips_from_spec_to_job_and_refuses_a_mismatch(tmp_path
     from argus.specfile import load_spec
     from flows.stages.evaluate import PromptMismatch, check_prompt
     from trainers.sft.data import check_prompt as check_dataset
-
-    import yaml
 
     root = Path(str(tmp_path))
     raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml").read_text())

@@ -572,6 +572,24 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+DEFAULT_KERNEL_PROFILE = "default"
+
+
+def kernel_profiles_dir() -> Path:
+    return repo_root() / "services" / "sandbox" / "profiles"
+
+
+def kernel_profiles() -> list[str]:
+    """Names of the kernel library profiles: one requirements file each."""
+    return sorted(p.stem for p in kernel_profiles_dir().glob("*.txt"))
+
+
+def kernel_env_dir(profile: str) -> Path:
+    """Where scripts/setup.sh installs a profile's virtualenv."""
+    suffix = "" if profile == DEFAULT_KERNEL_PROFILE else f"-{profile}"
+    return repo_root() / f".venv-sandbox{suffix}"
+
+
 class SandboxSettings(BaseSettings):
     """The code-executor service (`argus sandbox serve`). Every field reads `ARGUS_SANDBOX_<FIELD>`."""
 
@@ -590,12 +608,19 @@ class SandboxSettings(BaseSettings):
     scratch_mb: int = Field(256, ge=8, description="size of the session's tmpfs working directory")
 
     max_sessions: int = Field(64, ge=1)
-    warm_pool: int = Field(4, ge=0)
+    warm_pool: int = Field(4, ge=0, description="booted, pre-imported sandboxes kept ready; size it to the burst")
+    warm_parallel: int = Field(4, ge=1, description="sandboxes booted at once while the warm pool refills")
     idle_ttl_s: float = Field(600.0, gt=0)
+    admission_timeout_s: float = Field(
+        20.0, ge=0, description="at capacity, how long a call waits for a free session before 429/504"
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 at capacity")
+    oneshot_pool: int = Field(
+        4, ge=0, description="pre-booted sandboxes that serve /run_code, one forked run at a time (0: boot per run)"
+    )
 
     max_output_chars: int = Field(65536, ge=256, description="stdout/stderr kept per call; the rest is cut")
-    max_images: int = Field(8, ge=0)
+    max_images: int = Field(10, ge=0, description="images kept per call, in order (DeepEyesV2 keeps up to 10)")
     max_image_bytes: int = Field(4 << 20, ge=1024)
     max_body_bytes: int = Field(64 << 20, ge=1024)
     max_code_chars: int = Field(
@@ -605,15 +630,29 @@ class SandboxSettings(BaseSettings):
     state_dir: Path = Field(Path(".argus/sandbox"), description="runsc state, bundles, scratch of the process runner")
     runsc: str = "runsc"
     runsc_platform: str | None = Field(None, description="runsc --platform (default: runsc's own)")
-    kernel_env: Path = Field(
-        default_factory=lambda: repo_root() / ".venv-sandbox",
-        description="virtualenv with numpy, PIL and matplotlib that kernels run in",
+    profile: str = Field(
+        DEFAULT_KERNEL_PROFILE, description="kernel library profile: services/sandbox/profiles/<profile>.txt"
+    )
+    kernel_env: Path | None = Field(
+        None, description="virtualenv kernels run in (default: the profile's, made by scripts/setup.sh)"
     )
 
     @field_validator("state_dir", "kernel_env")
     @classmethod
-    def _absolute(cls, path: Path) -> Path:
-        return path.expanduser().absolute()
+    def _absolute(cls, path: Path | None) -> Path | None:
+        return path.expanduser().absolute() if path is not None else None
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, name: str) -> str:
+        known = kernel_profiles()
+        if name not in known:
+            raise ValueError(f"unknown kernel profile {name!r} (known: {', '.join(known)})")
+        return name
+
+    @property
+    def kernel_env_path(self) -> Path:
+        return self.kernel_env or kernel_env_dir(self.profile)
 
     @model_validator(mode="after")
     def _timeouts(self) -> SandboxSettings:

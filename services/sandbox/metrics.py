@@ -41,5 +41,20 @@ class SandboxMetrics:
             registry=self.registry,
         )
         self.rejected = Counter(
-            "argus_sandbox_rejected_total", "Requests refused at capacity (429)", registry=self.registry
+            "argus_sandbox_rejected_total",
+            "Requests refused at capacity after the admission wait (429, or 504 on /run_code)",
+            registry=self.registry,
+        )
+        self.admission_queue = Gauge(
+            "argus_sandbox_admission_queue",
+            "Calls waiting at capacity for a session slot or a one-shot sandbox",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.admission_wait = Histogram(
+            "argus_sandbox_admission_wait_seconds",
+            "How long calls waited at capacity before they were admitted or refused",
+            ["kind"],
+            registry=self.registry,
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60),
         )

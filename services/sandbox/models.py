@@ -137,3 +137,5 @@ class Health(BaseModel):
     warm: int
     warming: int
     max_sessions: int
+    queued: int = Field(description="calls waiting at capacity for a session slot")
+    oneshot_ready: int = Field(description="pre-booted one-shot sandboxes idle for /run_code")

@@ -41,7 +41,7 @@ class KernelDied(RuntimeError):
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: kernels are kept in sets
 class KernelProcess:
     """A started kernel: the process we talk to and how to interrupt and kill it."""
 
@@ -109,11 +109,13 @@ class Runner(abc.ABC):
     def kernel_python(self) -> dict[str, Any]:
         """Paths of the kernel's interpreter: executable, base prefix, site-packages, font cache."""
         if self._python is None:
-            python = self.settings.kernel_env / "bin" / "python"
+            env_dir = self.settings.kernel_env_path
+            python = env_dir / "bin" / "python"
             if not python.exists():
                 raise RuntimeError(
-                    f"kernel environment {self.settings.kernel_env} has no bin/python "
-                    "(run scripts/setup.sh, or set ARGUS_SANDBOX_KERNEL_ENV)"
+                    f"kernel environment {env_dir} (profile {self.settings.profile!r}) has no bin/python "
+                    f"(run ARGUS_SANDBOX_PROFILE={self.settings.profile} scripts/setup.sh, "
+                    "or set ARGUS_SANDBOX_KERNEL_ENV)"
                 )
             probe = (
                 "import json, sys, sysconfig; print(json.dumps({'executable': sys.executable, "
@@ -123,7 +125,7 @@ class Runner(abc.ABC):
             out = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True).stdout
             info = json.loads(out)
             info["real_executable"] = os.path.realpath(info["executable"])
-            cache = self.settings.kernel_env / "mpl-cache"
+            cache = env_dir / "mpl-cache"
             info["mpl_cache"] = str(cache) if cache.is_dir() else None
             self._python = info
         return self._python

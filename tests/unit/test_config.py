@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from argus.cli import app
-from argus.config import PipelineSpec, StackSettings
+from argus.config import PipelineSpec, SandboxSettings, StackSettings, kernel_profiles, repo_root
 from argus.specfile import SpecError, load_spec, parse_spec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -185,3 +186,22 @@ def test_bad_stack_env_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> No
     result = CliRunner().invoke(app, ["stack", "status"])
     assert result.exit_code == 2
     assert "ARGUS_MLFLOW_PORT" in result.output
+
+
+def test_sandbox_profiles_choose_the_kernel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert {"default", "minimal"} <= set(kernel_profiles())
+    assert SandboxSettings().kernel_env_path == repo_root() / ".venv-sandbox"
+    monkeypatch.setenv("ARGUS_SANDBOX_PROFILE", "minimal")
+    assert SandboxSettings().kernel_env_path == repo_root() / ".venv-sandbox-minimal"
+    monkeypatch.setenv("ARGUS_SANDBOX_KERNEL_ENV", "/opt/kernel-env")
+    assert SandboxSettings().kernel_env_path == Path("/opt/kernel-env")  # an explicit environment wins
+
+
+def test_an_unknown_sandbox_profile_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARGUS_SANDBOX_PROFILE", "gpu-everything")
+    with pytest.raises(ValidationError, match=r"unknown kernel profile 'gpu-everything' \(known: default, minimal"):
+        SandboxSettings()
+    monkeypatch.delenv("ARGUS_SANDBOX_PROFILE")
+    result = CliRunner().invoke(app, ["sandbox", "serve", "--profile", "nope"])
+    assert result.exit_code == 2
+    assert "ARGUS_SANDBOX_PROFILE" in result.output and "unknown kernel profile 'nope'" in result.output

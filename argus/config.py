@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Kubernetes object names are built from spec names, so they must be DNS-1123 labels.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
@@ -246,28 +246,73 @@ class RLSpec(TrainingJobSpec):
 # --------------------------------------------------------------------------------------------------
 
 
+DEFAULT_KERNEL_PROFILE = "default"
+
+
+def kernel_profiles_dir() -> Path:
+    return repo_root() / "services" / "sandbox" / "profiles"
+
+
+def kernel_profiles() -> list[str]:
+    """Names of the kernel library profiles: one requirements file each."""
+    return sorted(p.stem for p in kernel_profiles_dir().glob("*.txt"))
+
+
+def kernel_env_dir(profile: str) -> Path:
+    """Where scripts/setup.sh installs a profile's virtualenv."""
+    suffix = "" if profile == DEFAULT_KERNEL_PROFILE else f"-{profile}"
+    return repo_root() / f".venv-sandbox{suffix}"
+
+
+DEFAULT_WARM_POOL = 4
+
+
+def check_kernel_profile(name: str) -> str:
+    known = kernel_profiles()
+    if name not in known:
+        raise ValueError(f"unknown kernel profile {name!r} (known: {', '.join(known)})")
+    return name
+
+
 class SandboxSpec(StrictModel):
     runner: Literal["gvisor", "process"] = "gvisor"
+    profile: str = Field(DEFAULT_KERNEL_PROFILE, description="kernel library profile (services/sandbox/profiles)")
     timeout_s: float = Field(30.0, gt=0)
     memory_mb: int = Field(1024, ge=64)
     cpus: float = Field(1.0, gt=0)
     pids: int = Field(128, ge=8)
     max_sessions: int = Field(64, ge=1)
-    warm_pool: int = Field(4, ge=0)
+    warm_pool: int | None = Field(
+        None,
+        ge=0,
+        description=f"booted sandboxes kept ready; default: the RL group size when RL runs, else {DEFAULT_WARM_POOL}",
+    )
+    warm_parallel: int = Field(4, ge=1, description="sandboxes booted at once while the warm pool refills")
+    admission_timeout_s: float = Field(20.0, ge=0, description="at capacity, how long a call waits for a session")
+    oneshot_pool: int = Field(4, ge=0, description="pre-booted sandboxes serving /run_code")
     idle_ttl_s: float = Field(600.0, gt=0)
     node_pool: str | None = None
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, name: str) -> str:
+        return check_kernel_profile(name)
 
     def service_env(self) -> dict[str, str]:
         """The code executor's settings (`SandboxSettings`, read from `ARGUS_SANDBOX_*`) for this spec: the
         local backend and the ToolEnvironment operator start the service with exactly these."""
         return {
             "ARGUS_SANDBOX_RUNNER": self.runner,
+            "ARGUS_SANDBOX_PROFILE": self.profile,
             "ARGUS_SANDBOX_TIMEOUT_S": str(self.timeout_s),
             "ARGUS_SANDBOX_MEMORY_MB": str(self.memory_mb),
             "ARGUS_SANDBOX_CPUS": str(self.cpus),
             "ARGUS_SANDBOX_PIDS": str(self.pids),
             "ARGUS_SANDBOX_MAX_SESSIONS": str(self.max_sessions),
-            "ARGUS_SANDBOX_WARM_POOL": str(self.warm_pool),
+            "ARGUS_SANDBOX_WARM_POOL": str(DEFAULT_WARM_POOL if self.warm_pool is None else self.warm_pool),
+            "ARGUS_SANDBOX_WARM_PARALLEL": str(self.warm_parallel),
+            "ARGUS_SANDBOX_ADMISSION_TIMEOUT_S": str(self.admission_timeout_s),
+            "ARGUS_SANDBOX_ONESHOT_POOL": str(self.oneshot_pool),
             "ARGUS_SANDBOX_IDLE_TTL_S": str(self.idle_ttl_s),
         }
 
@@ -393,6 +438,15 @@ class PipelineSpec(StrictModel):
     tools: ToolsSpec = Field(default_factory=ToolsSpec)
     eval: EvalSpec
     serving: ServingSpec = Field(default_factory=ServingSpec)
+
+    @model_validator(mode="after")
+    def _warm_pool_fits_a_rollout_group(self) -> PipelineSpec:
+        # An RL step's reset opens one session per rollout of a group at once: keep that many ready.
+        if self.tools.sandbox.warm_pool is not None:
+            return self
+        pool = self.rl.rollouts_per_prompt if self.rl.enabled else DEFAULT_WARM_POOL
+        sandbox = self.tools.sandbox.model_copy(update={"warm_pool": pool})
+        return self.model_copy(update={"tools": self.tools.model_copy(update={"sandbox": sandbox})})
 
     def placement_refs(self) -> list[tuple[tuple[str | int, ...], str | None, int]]:
         """(field path, node pool name, GPUs per replica) for everything that is scheduled."""
@@ -572,24 +626,6 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-DEFAULT_KERNEL_PROFILE = "default"
-
-
-def kernel_profiles_dir() -> Path:
-    return repo_root() / "services" / "sandbox" / "profiles"
-
-
-def kernel_profiles() -> list[str]:
-    """Names of the kernel library profiles: one requirements file each."""
-    return sorted(p.stem for p in kernel_profiles_dir().glob("*.txt"))
-
-
-def kernel_env_dir(profile: str) -> Path:
-    """Where scripts/setup.sh installs a profile's virtualenv."""
-    suffix = "" if profile == DEFAULT_KERNEL_PROFILE else f"-{profile}"
-    return repo_root() / f".venv-sandbox{suffix}"
-
-
 class SandboxSettings(BaseSettings):
     """The code-executor service (`argus sandbox serve`). Every field reads `ARGUS_SANDBOX_<FIELD>`."""
 
@@ -608,7 +644,9 @@ class SandboxSettings(BaseSettings):
     scratch_mb: int = Field(256, ge=8, description="size of the session's tmpfs working directory")
 
     max_sessions: int = Field(64, ge=1)
-    warm_pool: int = Field(4, ge=0, description="booted, pre-imported sandboxes kept ready; size it to the burst")
+    warm_pool: int = Field(
+        DEFAULT_WARM_POOL, ge=0, description="booted, pre-imported sandboxes kept ready; size it to the burst"
+    )
     warm_parallel: int = Field(4, ge=1, description="sandboxes booted at once while the warm pool refills")
     idle_ttl_s: float = Field(600.0, gt=0)
     admission_timeout_s: float = Field(
@@ -617,6 +655,12 @@ class SandboxSettings(BaseSettings):
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 at capacity")
     oneshot_pool: int = Field(
         4, ge=0, description="pre-booted sandboxes that serve /run_code, one forked run at a time (0: boot per run)"
+    )
+    # Measured per idle session (benchmarks/sandbox_bench.py, 2 cores): numpy + PIL 31 MB and a first
+    # plt.show() of 1.1 s; adding matplotlib.pyplot 45 MB and 0.3 s. The default keeps the memory target.
+    preload: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["numpy", "PIL.Image"],
+        description="modules warm session sandboxes import ahead of time (comma-separated in the environment)",
     )
 
     max_output_chars: int = Field(65536, ge=256, description="stdout/stderr kept per call; the rest is cut")
@@ -645,10 +689,14 @@ class SandboxSettings(BaseSettings):
     @field_validator("profile")
     @classmethod
     def _known_profile(cls, name: str) -> str:
-        known = kernel_profiles()
-        if name not in known:
-            raise ValueError(f"unknown kernel profile {name!r} (known: {', '.join(known)})")
-        return name
+        return check_kernel_profile(name)
+
+    @field_validator("preload", mode="before")
+    @classmethod
+    def _module_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
 
     @property
     def kernel_env_path(self) -> Path:

@@ -67,7 +67,6 @@ def sandbox_serve(
         "state_dir": state_dir,
     }
     settings = settings_or_exit(SandboxSettings, **given)
-    console.print(
-        f"code executor: runner {settings.runner}, profile {settings.profile}, http://{settings.host}:{settings.port}", highlight=False
-    )
+    where = f"http://{settings.host}:{settings.port}"
+    console.print(f"code executor: runner {settings.runner}, profile {settings.profile}, {where}", highlight=False)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)

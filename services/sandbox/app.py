@@ -27,8 +27,7 @@ from services.sandbox.runners import Runner, make_runner
 # What the reference sandbox (MultiModal-Jupyter-Sandbox) answers; real clients were trained on these.
 TIMEOUT_TEXT = "Timed out waiting for Jupyter kernel output.\n"
 STATE_LOST_TEXT = (
-    "[argus] the cell did not stop when interrupted: the sandbox was restarted and the session's state "
-    "was lost\n"
+    "[argus] the cell did not stop when interrupted: the sandbox was restarted and the session's state was lost\n"
 )
 NO_CODE = {"output": "Error: No code provided", "status": "error", "execution_time": 0.0}
 

@@ -625,6 +625,35 @@ def test_one_shot_capacity_answers_504_after_the_wait(tmp_path: Path) -> None:
         svc.stop()
 
 
+def test_a_burst_beyond_the_warm_pool_gets_every_session(tmp_path: Path) -> None:
+    svc = Service(tmp_path, ARGUS_SANDBOX_WARM_POOL="1", ARGUS_SANDBOX_WARM_PARALLEL="2")
+    svc.start()
+    booting: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        with httpx.Client(base_url=svc.url, timeout=10) as c:
+            while not done.is_set():
+                booting.append(c.get("/healthz").json()["warming"])
+                time.sleep(0.05)
+
+    try:
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with httpx.Client(base_url=svc.url, timeout=120) as c, ThreadPoolExecutor(6) as ex:
+            answers = list(
+                ex.map(lambda i: c.post("/jupyter_sandbox", json={"session_id": f"b{i}", "code": "7 * 6"}), range(6))
+            )
+            metrics = c.get("/metrics").text
+        done.set()
+        watcher.join()
+    finally:
+        svc.stop()
+    assert [a.json()["output"]["result"] for a in answers] == ["42"] * 6
+    assert 'argus_sandbox_session_starts_total{kind="booted"}' in metrics  # handed over as the refill booted them
+    assert max(booting) <= 2  # boots bounded by warm_parallel, not one per waiting request
+
+
 def test_deepeyesv2_trajectories_at_twice_capacity_all_complete(tmp_path: Path) -> None:
     """Twice `max_sessions` DeepEyesV2-style trajectories at once: none ends on a capacity answer or
     an `error` status (its rollout would end the episode on either)."""

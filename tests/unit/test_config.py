@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from argus.cli import app
 from argus.config import PipelineSpec, SandboxSettings, StackSettings, kernel_profiles, repo_root
 from argus.specfile import SpecError, load_spec, parse_spec
+from tests.conftest import REPO
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -205,3 +206,21 @@ def test_an_unknown_sandbox_profile_is_named(monkeypatch: pytest.MonkeyPatch) ->
     result = CliRunner().invoke(app, ["sandbox", "serve", "--profile", "nope"])
     assert result.exit_code == 2
     assert "ARGUS_SANDBOX_PROFILE" in result.output and "unknown kernel profile 'nope'" in result.output
+
+
+def test_the_warm_pool_defaults_to_the_rollout_group(tmp_path: Path) -> None:
+    raw = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    raw["tools"]["sandbox"].pop("warm_pool", None)
+    raw["rl"].update(enabled=True, rollouts_per_prompt=12)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(path)
+    assert spec.tools.sandbox.warm_pool == 12
+    assert spec.tools.sandbox.service_env()["ARGUS_SANDBOX_WARM_POOL"] == "12"
+    raw["rl"]["enabled"] = False
+    path.write_text(yaml.safe_dump(raw))
+    assert load_spec(path).tools.sandbox.warm_pool == 4
+    raw["tools"]["sandbox"]["profile"] = "everything"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError, match="unknown kernel profile 'everything'"):
+        load_spec(path)

@@ -43,9 +43,8 @@ import warnings
 from typing import Any
 
 KERNEL_FILE = os.path.abspath(__file__)
-# Imported ahead of time by warm session kernels: what nearly every DeepEyesV2 cell uses. Heavier
-# libraries of the profile (cv2, scipy, pandas, skimage, sympy) load when a cell imports them.
-SESSION_PRELOAD = ["numpy", "PIL.Image", "matplotlib.pyplot"]
+# Imported ahead of time by warm kernels unless the service says otherwise (its `preload` setting).
+SESSION_PRELOAD = ["numpy", "PIL.Image"]
 # IPython's layout: a 75-column rule, the exception name padded to 42 columns, line numbers in 7.
 RULE = "-" * 75
 NUMBER_WIDTH = 7

@@ -32,6 +32,9 @@ log = logging.getLogger("argus.sandbox")
 Status = Literal["ok", "error", "timeout", "died"]
 
 
+REFILL_DEBOUNCE_S = 0.5
+
+
 class AtCapacity(Exception):
     def __init__(self, limit: int, retry_after: int):
         self.retry_after = retry_after
@@ -162,6 +165,7 @@ class SessionPool:
         self._warming = 0
         self._booting_cold = 0
         self._refill = asyncio.Event()
+        self._refill_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._boots: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -275,8 +279,15 @@ class SessionPool:
         self._update_gauges()
 
     def _refill_soon(self) -> None:
-        # Starting a sandbox costs the event loop a few ms (spawn, bundle); let the claim's answer go first.
-        asyncio.get_running_loop().call_later(0.02, self._refill.set)
+        """Refill once claims have paused for REFILL_DEBOUNCE_S.
+
+        Claims come in bursts (an RL group's reset opens all its sessions at once) and each session's
+        first cell follows at once; booting sandboxes during that would take the CPU from them.
+        Claims that wait on an empty pool do not wait for this: they set `_refill` themselves.
+        """
+        if self._refill_timer is not None:
+            self._refill_timer.cancel()
+        self._refill_timer = asyncio.get_running_loop().call_later(REFILL_DEBOUNCE_S, self._refill.set)
 
     async def _take_kernel(self) -> KernelProcess:
         while self.warm:

@@ -45,6 +45,7 @@ from typing import Any
 KERNEL_FILE = os.path.abspath(__file__)
 # Imported ahead of time by warm kernels unless the service says otherwise (its `preload` setting).
 SESSION_PRELOAD = ["numpy", "PIL.Image"]
+HEAP_PRETOUCH_MB = 3
 # IPython's layout: a 75-column rule, the exception name padded to 42 columns, line numbers in 7.
 RULE = "-" * 75
 NUMBER_WIDTH = 7
@@ -196,6 +197,7 @@ class Kernel:
         self.dropped_images: list[str] = []
         self.limits = {"max_images": 10, "max_image_bytes": 4 << 20}
         self.execution_count = 0
+        self.sources: dict[str, str] = {}
         self.executing = False
         self.pid = os.getpid()
 
@@ -302,6 +304,10 @@ class Kernel:
             ax.set_title("warm-up")
             fig.savefig(io.BytesIO(), format="png")
             plt.close(fig)
+        # Touch a few MiB of heap and free it (the runner's malloc settings keep it): the first big cell
+        # of a session, the task image as base64, then finds its pages resident instead of faulting.
+        touched = b"\x01" * (HEAP_PRETOUCH_MB << 20)
+        del touched
         # Objects that exist now are never collected: the GC then leaves their pages alone, so a forked
         # one-shot child shares them instead of copying each page it scans (a page fault in gVisor).
         gc.freeze()
@@ -385,8 +391,8 @@ class Kernel:
                     error = {"ename": "NonZeroExit", "evalue": f"exit code {return_code}"}
                 raise _Done
             code = req["code"]
-            # The cell's source is registered so tracebacks show it, in this and in later cells.
-            linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+            # Kept so that tracebacks show it, in this and in later cells (split into lines only then).
+            self.sources[filename] = code
             tree = ast.parse(code, filename, "exec")
             last = None
             if mode == "cell" and tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -405,6 +411,7 @@ class Kernel:
             pass
         except KeyboardInterrupt as exc:
             error = {"ename": "KeyboardInterrupt", "evalue": "execution interrupted"}
+            self._register_sources()
             tb_text = ipython_traceback(exc) if mode == "cell" else "KeyboardInterrupt: execution interrupted\n"
             return_code = 130
         except SystemExit as exc:
@@ -414,9 +421,11 @@ class Kernel:
             if mode == "cell" or return_code:
                 error = {"ename": "SystemExit", "evalue": str(exc.code)}
                 if mode == "cell":
+                    self._register_sources()
                     tb_text = ipython_traceback(exc)
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything
             error = {"ename": type(exc).__name__, "evalue": str(exc)}
+            self._register_sources()
             tb_text = ipython_traceback(exc) if mode == "cell" else self._script_traceback(exc)
             return_code = 1
         finally:
@@ -449,6 +458,11 @@ class Kernel:
             "files": self._fetch(req.get("fetch_files") or []) if mode != "cell" else {},
             "duration": time.perf_counter() - started,
         }
+
+    def _register_sources(self) -> None:
+        for name, code in self.sources.items():
+            if name not in linecache.cache:
+                linecache.cache[name] = (len(code), None, code.splitlines(keepends=True), name)
 
     @staticmethod
     def _script_traceback(exc: BaseException) -> str:

@@ -342,15 +342,18 @@ def test_one_shot_runs_leave_nothing_for_the_next(client: httpx.Client) -> None:
         "        time.sleep(0.01)\n"
         "print('planted', os.getpid())"
     )
-    first = client.post("/run_code", json={"code": plant}).json()
-    assert first["status"] == "Success" and first["run_result"]["stdout"].startswith("planted"), first
     check = (
         "import os\n"
-        "print([p for d in ('.', '/tmp', '/scratch') for p in os.listdir(d) if not p.startswith('.')])\n"
+        "print(sorted(os.path.join(d, p) for d in ('.', '/tmp', '/scratch') for p in os.listdir(d)))\n"
         "print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) not in (1, os.getpid())))"
     )
-    second = client.post("/run_code", json={"code": check}).json()
-    assert second["run_result"]["stdout"] == "['run']\n[]\n", second  # only its own working directory
+    before = client.post("/run_code", json={"code": check}).json()["run_result"]["stdout"]
+    first = client.post("/run_code", json={"code": plant}).json()
+    assert first["status"] == "Success" and first["run_result"]["stdout"].startswith("planted"), first
+    after = client.post("/run_code", json={"code": check}).json()
+    # The same files (the kernel's own, mount points of its environment) and no other process.
+    assert after["run_result"]["stdout"] == before and before.endswith("\n[]\n"), (before, after)
+    assert "planted" not in before and "daemon" not in before
     bash = client.post("/run_code", json={"code": "ls -A /scratch/run /tmp | grep -c planted", "language": "bash"})
     assert bash.json()["run_result"]["stdout"] == "0\n"
 

@@ -35,6 +35,7 @@ import linecache
 import os
 import shutil
 import signal
+import stat
 import sys
 import time
 import traceback
@@ -602,17 +603,38 @@ class Kernel:
                 return
 
     def _wipe(self) -> None:
+        """Empty /tmp and /scratch, and never reach into a mount below them.
+
+        The kernel's own read-only mounts can sit below /tmp (a checkout under /tmp puts its
+        virtualenv there, mounted at the same path): their mount points stay, nothing under them
+        is touched or walked.
+        """
         keep = set(self.capture_paths.values())
         for top in ("/tmp", "/scratch"):
-            for name in os.listdir(top):
-                path = os.path.join(top, name)
-                if path in keep:
-                    continue
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
+            self._wipe_dir(top, os.lstat(top).st_dev, keep)
+
+    def _wipe_dir(self, path: str, device: int, keep: set[str]) -> None:
+        try:
+            names = os.listdir(path)
+        except OSError:
+            return
+        for name in names:
+            entry = os.path.join(path, name)
+            if entry in keep:
+                continue
+            try:
+                st = os.lstat(entry)
+            except OSError:
+                continue
+            if st.st_dev != device:  # a mount point: not ours to empty
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                self._wipe_dir(entry, device, keep)
+                with contextlib.suppress(OSError):  # still holds a mount point
+                    os.rmdir(entry)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry)
 
     @staticmethod
     def _read_capped(path: str, cap: int) -> str:

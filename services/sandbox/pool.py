@@ -308,6 +308,7 @@ class SessionPool:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.warm.appendleft(waiter.result())  # booted for us after all: keep it for the next claim
+                self._update_gauges()
             else:
                 waiter.cancel()
             raise

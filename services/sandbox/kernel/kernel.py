@@ -680,7 +680,7 @@ class Kernel:
                 self._send({"id": req.get("id"), "pong": True})
                 continue
             if req.get("op") == "warm":
-                self._send({"id": req.get("id"), **self.warm_up(req.get("modules") or SESSION_PRELOAD)})
+                self._send({"id": req.get("id"), **self.warm_up(req.get("modules", SESSION_PRELOAD))})
                 continue
             try:
                 reply = self.oneshot(req) if req.get("op") == "oneshot" else self.execute(req)

@@ -193,26 +193,36 @@ class SFTSpec(TrainingJobSpec):
     length_buckets: bool = Field(False, description="micro-batches of similar length (less padding)")
     curve: CurveSpec = Field(default_factory=CurveSpec)
 
-    def deepspeed_config(self, *, cuda: bool, bf16_ok: bool) -> dict[str, Any]:
+    def micro_batches_per_step(self, world_size: int) -> int:
+        return self.grad_accum
+
+    def deepspeed_config(self, *, cuda: bool, bf16_ok: bool, world_size: int = 1) -> dict[str, Any]:
         """The generated DeepSpeed config of this job: the trainer builds it for the device it finds, the
         Kubernetes renderer for GPU pods (it becomes the job's ConfigMap). `deepspeed.config` replaces it."""
-        zero: dict[str, Any] = {"stage": self.deepspeed.zero_stage}
-        if self.deepspeed.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
-        if self.deepspeed.offload_params:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
-        return {
-            "train_micro_batch_size_per_gpu": self.micro_batch_size,
-            "gradient_accumulation_steps": self.grad_accum,
-            "gradient_clipping": self.optim.max_grad_norm,
-            "zero_optimization": zero,
-            "bf16": {"enabled": self.precision == "bf16" and bf16_ok},
-            "fp16": {"enabled": self.precision == "fp16" and cuda},
-            # AdamW from torch: the same optimizer with or without DeepSpeed, which the benchmark relies on.
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 1 << 30,
-            "wall_clock_breakdown": False,
-        }
+        return _deepspeed_config(self, self.micro_batch_size, self.micro_batches_per_step(world_size), cuda, bf16_ok)
+
+
+def _deepspeed_config(
+    job: TrainingJobSpec, micro_batch_size: int, grad_accum: int, cuda: bool, bf16_ok: bool
+) -> dict[str, Any]:
+    """DeepSpeed json of a training job: ZeRO, precision and clipping from the spec."""
+    zero: dict[str, Any] = {"stage": job.deepspeed.zero_stage}
+    if job.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    if job.deepspeed.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": job.optim.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": job.precision == "bf16" and bf16_ok},
+        "fp16": {"enabled": job.precision == "fp16" and cuda},
+        # AdamW from torch: the same optimizer with or without DeepSpeed, which the benchmark relies on.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
 
 
 class RewardSpec(StrictModel):
@@ -231,14 +241,37 @@ class RewardSpec(StrictModel):
 
 
 class RLSpec(TrainingJobSpec):
+    """GRPO with multi-turn tool rollouts, DeepEyesV2's settings where it has them (verl's agent loop)."""
+
     enabled: bool = False
     algorithm: Literal["grpo"] = "grpo"
     rollouts_per_prompt: int = Field(16, ge=2, description="GRPO group size (n)")
     max_turns: int = Field(9, ge=1)
-    prompts_per_step: int = Field(64, ge=1)
-    kl_coef: float = Field(0.0, ge=0)
-    max_response_tokens: int = Field(2048, ge=16)
+    prompts_per_step: int = Field(64, ge=1, description="prompts per optimizer step, over all ranks")
+    epochs: float = Field(1.0, gt=0, description="passes over the RL split (max_steps overrides)")
+    micro_batch_size: int = Field(1, ge=1, description="episodes per forward/backward pass")
+    kl_coef: float = Field(0.0, ge=0, description="KL to the frozen start model; 0 (DeepEyesV2) loads none")
+    clip_ratio: float = Field(0.2, gt=0, lt=1)
+    temperature: float = Field(1.0, gt=0)
+    max_turn_tokens: int = Field(512, ge=8, description="tokens one turn may generate")
+    max_response_tokens: int = Field(2048, ge=16, description="generated tokens per episode; beyond: masked")
+    engine: Literal["in-process", "vllm"] = Field("in-process", description="rollout engine")
+    tool_timeout_s: float = Field(30.0, gt=0, description="per tool call")
+    episode_timeout_s: float = Field(300.0, gt=0, description="per episode; past it the episode is masked")
+    trajectories_every: int = Field(10, ge=0, description="log sampled trajectories every N steps (0: never)")
     reward: RewardSpec = Field(default_factory=RewardSpec)
+
+    def episodes_per_rank(self, world_size: int) -> int:
+        if self.prompts_per_step % world_size:
+            raise ValueError(f"prompts_per_step {self.prompts_per_step} is not a multiple of {world_size} ranks")
+        return self.prompts_per_step // world_size * self.rollouts_per_prompt
+
+    def micro_batches_per_step(self, world_size: int) -> int:
+        return -(-self.episodes_per_rank(world_size) // self.micro_batch_size)
+
+    def deepspeed_config(self, *, cuda: bool, bf16_ok: bool, world_size: int = 1) -> dict[str, Any]:
+        """As SFT's: one optimizer step per rollout batch, accumulated over its micro-batches."""
+        return _deepspeed_config(self, self.micro_batch_size, self.micro_batches_per_step(world_size), cuda, bf16_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -773,3 +806,20 @@ class SFTJobConfig(StrictModel):
     curve_data: Uri | None = Field(None, description="eval parquet of the learning curve (sft.curve)")
     sandbox_url: str | None = Field(None, description="the run's code executor, for the learning curve")
     search_url: str | None = Field(None, description="the run's search proxy, for the learning curve")
+
+
+class RLJobConfig(StrictModel):
+    """Everything one RL job needs: the same contract as SFTJobConfig (file or ARGUS_JOB_CONFIG)."""
+
+    job_name: str = Field(pattern=DNS_LABEL)
+    prompt: Prompt = Field("deepeyesv2", description="the prompt the start model was trained with")
+    dataset: Uri = Field(description="verl parquet of RL tasks")
+    model: Uri = Field(description="start model directory, the SFT export (local or s3://)")
+    checkpoint_uri: Uri = Field(description="prefix that receives step-N/ checkpoints")
+    output_uri: Uri = Field(description="where the final Hugging Face model is exported")
+    rl: RLSpec = Field(default_factory=lambda: RLSpec(enabled=True))
+    mlflow_experiment: str = "argus"
+    node_pool: str | None = None
+    lineage: dict[str, str] = Field(default_factory=dict, description="extra tags for the MLflow run")
+    sandbox_url: str = Field(description="the run's code executor (DeepEyesV2 v1 protocol)")
+    search_url: str = Field(description="the run's search proxy")

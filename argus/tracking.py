@@ -145,6 +145,9 @@ class RunTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self.mlflow.set_tags(tags)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.mlflow.log_text(text, artifact_file)
+
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.flush_async_logging()
         self.mlflow.end_run(status=status)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from argus.config import SFTSpec, StackSettings
+from argus.config import RLSpec, SFTSpec, StackSettings
 from argus.storage import read_uri
 
 
@@ -18,7 +18,7 @@ def torch_extensions_dir() -> Path:
     return Path(sys.prefix) / "torch_extensions"
 
 
-def deepspeed_config(spec: SFTSpec, settings: StackSettings) -> dict[str, Any]:
+def deepspeed_config(spec: SFTSpec | RLSpec, settings: StackSettings, world_size: int = 1) -> dict[str, Any]:
     """The spec's own DeepSpeed json when it names one, else the generated config for this device."""
     import torch
 
@@ -26,4 +26,4 @@ def deepspeed_config(spec: SFTSpec, settings: StackSettings) -> dict[str, Any]:
         user: dict[str, Any] = json.loads(read_uri(spec.deepspeed.config, settings))
         return user
     cuda = torch.cuda.is_available()
-    return spec.deepspeed_config(cuda=cuda, bf16_ok=not cuda or torch.cuda.is_bf16_supported())
+    return spec.deepspeed_config(cuda=cuda, bf16_ok=not cuda or torch.cuda.is_bf16_supported(), world_size=world_size)

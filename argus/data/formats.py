@@ -144,7 +144,10 @@ def write_rl_parquet(
 def read_rl_parquet(uri: str, settings: StackSettings | None = None) -> list[Task]:
     """Tasks of a verl parquet file: ours, or DeepEyesV2's own (question from extra_info or the prompt)."""
     try:
-        table = pq.read_table(io.BytesIO(read_uri(uri, settings)))
+        # ParquetFile and no threads: read_table goes through the dataset scanner, whose worker threads
+        # can outlive the interpreter and abort it at exit ("terminate called without an active
+        # exception", apache/arrow#34314); these files are small enough for one thread.
+        table = pq.ParquetFile(io.BytesIO(read_uri(uri, settings))).read(use_threads=False)
     except (OSError, pa.ArrowInvalid) as exc:
         raise DataFormatError(f"{uri}: cannot read parquet: {exc}") from exc
     base = _parent(uri)

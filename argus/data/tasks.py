@@ -423,6 +423,8 @@ class Suite:
     sft: list[MiniTask]
     rl: list[MiniTask]
     eval: list[MiniTask]
+    train_entities: list[Entity] = field(default_factory=list)
+    """The entities SFT and RL tasks ask about; the eval split asks about the others only."""
 
 
 def build_suite(seed: int, sft_size: int, rl_size: int, eval_size: int, n_entities: int = 60) -> Suite:
@@ -438,4 +440,6 @@ def build_suite(seed: int, sft_size: int, rl_size: int, eval_size: int, n_entiti
         split_rng = random.Random(f"{seed}-{name}")
         factory = TaskFactory(split_rng, pool, name)
         splits[name] = [factory.make(f) for f in _families(split_rng, size)]
-    return Suite(entities=entities, sft=splits["sft"], rl=splits["rl"], eval=splits["eval"])
+    return Suite(
+        entities=entities, sft=splits["sft"], rl=splits["rl"], eval=splits["eval"], train_entities=train_entities
+    )

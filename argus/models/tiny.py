@@ -60,23 +60,29 @@ CHAT_TEMPLATE = (
 
 
 def training_texts(seed: int = 0) -> list[str]:
-    """The text the tokenizer learns its merges from: prompts, actions, observations, corpus."""
+    """The text the tokenizer learns its merges from: prompts, actions, observations, corpus.
+
+    Training split only: the merges must not know the eval split's questions or its entities' names
+    (a held-out name is then spelt in the syllable pieces every training name is made of).
+    """
     from argus.agent import prompts
     from argus.data.tasks import build_suite
 
-    suite = build_suite(seed, sft_size=400, rl_size=0, eval_size=120)
-    texts = [prompts.SYSTEM_PROMPT] * 20
-    for mini in suite.sft + suite.eval:
+    suite = build_suite(seed, sft_size=400, rl_size=0, eval_size=0)
+    train_names = {e.name for e in suite.train_entities}
+    texts = [prompts.SYSTEM_PROMPT, prompts.COMPACT_SYSTEM_PROMPT] * 20
+    for mini in suite.sft:
         texts.append(prompts.USER_PROMPT.format(question=mini.task.question))
         texts.extend(mini.gold)
         texts.append(prompts.code_observation(mini.task.answer + "\n", "", 0))
-    texts.extend(e.document()["text"] for e in suite.entities)
+    texts.extend(e.document()["text"] for e in suite.entities if e.name in train_names)
     texts.extend(
         prompts.search_observation(
             f"A Google search for '{e.name} founded' found 5 results:\n\n"
             f"## Web Results\n1. [{e.name}]({e.document()['url']})"
         )
         for e in suite.entities
+        if e.name in train_names
     )
     texts.extend(str(n) for n in range(0, 2000, 7))
     return texts

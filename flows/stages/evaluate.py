@@ -25,7 +25,8 @@ from argus.agent.task import Task
 from argus.backends.base import Backend, ModelServer, ToolEndpoints
 from argus.config import EvalSuite, PipelineSpec, Prompt, ServingTarget, StackSettings, ToolsSpec
 from argus.data.formats import read_rl_parquet
-from argus.storage import fingerprint, join_uri, read_uri
+from argus.models.export import prompt_mismatch
+from argus.storage import fingerprint, join_uri
 from flows.context import RunContext
 from flows.results import DataRef, EvalReport, cache_key
 from flows.runtime import FlowError, artifact_key, flow_run_links, make_backend, mlflow_client, stack_settings
@@ -89,23 +90,10 @@ class PromptMismatch(FlowError):
     """A model is evaluated with another prompt than the one it was trained with."""
 
 
-def training_prompt(model_uri: str, settings: StackSettings) -> str | None:
-    """The prompt an Argus trainer recorded in the model's `argus_export.json` (None: not an Argus export,
-    e.g. a base model)."""
-    try:
-        record = json.loads(read_uri(join_uri(model_uri, "argus_export.json"), settings))
-    except FileNotFoundError:
-        return None
-    return str(record["prompt"]) if "prompt" in record else None
-
-
 def check_prompt(model_uri: str, prompt: str, settings: StackSettings) -> None:
-    trained = training_prompt(model_uri, settings)
-    if trained is not None and trained != prompt:
-        raise PromptMismatch(
-            f"{model_uri} was trained with the {trained!r} prompt and would be evaluated with the {prompt!r} "
-            "prompt: a model answers to the prompt it learned (set the spec's `prompt` to the training one)"
-        )
+    reason = prompt_mismatch(model_uri, prompt, "evaluated", settings)
+    if reason:
+        raise PromptMismatch(reason)
 
 
 @task(name="run-eval", persist_result=True, cache_key_fn=_eval_key, retries=1, retry_delay_seconds=15)

@@ -37,6 +37,17 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
+def chatml_parts(tokenizer: Any, role: str, content: str) -> tuple[list[int], list[int], list[int]]:
+    """One ChatML message as the trainers tokenise it: `<|im_start|>role\\n`, then `content<|im_end|>`
+    (what an assistant turn is trained to produce), then `\\n`, each piece on its own. SFT encodes its
+    examples so and RL its observations, so both see the same ids for the same message."""
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return ids(f"<|im_start|>{role}\n"), ids(f"{content}<|im_end|>"), ids("\n")
+
+
 class Encoder:
     def __init__(
         self, tokenizer: Any, image_processor: Any | None, max_seq_len: int, settings: StackSettings | None = None
@@ -80,9 +91,7 @@ class Encoder:
                 for piece in pieces[1:]:
                     content += "<|vision_start|>" + "<|image_pad|>" * pad_counts[image_index] + "<|vision_end|>" + piece
                     image_index += 1
-            head = self._ids(f"<|im_start|>{msg['role']}\n")
-            body = self._ids(f"{content}<|im_end|>")
-            tail = self._ids("\n")
+            head, body, tail = chatml_parts(self.tok, msg["role"], content)
             input_ids += head + body + tail
             if msg["role"] == "assistant":
                 labels += [IGNORE] * len(head) + body + [IGNORE] * len(tail)

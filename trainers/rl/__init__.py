@@ -1,0 +1,1 @@
+"""GRPO with multi-turn tool rollouts: `torchrun -m trainers.rl --config job.json`."""

@@ -1,0 +1,3 @@
+from trainers.rl.train import main
+
+main()

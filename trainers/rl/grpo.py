@@ -1,0 +1,96 @@
+"""GRPO's arithmetic on tensors: group-normalised advantages, the clipped policy loss averaged per token
+under the action mask, the optional KL to a reference model, and per-token log-probabilities.
+
+Pure functions with no model, engine or tools, so they are checked on fixed numbers. The conventions are
+DeepEyesV2's (verl 0.4, `adv_estimator=grpo`, `loss_agg_mode=token-mean`) and TRL's GRPO with
+`loss_type="dapo"`: advantage = (reward - group mean) / (group std + eps); loss = the mean over every
+action token of the batch of -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A); the KL, when on, is the k3
+estimator exp(ref - logp) - (ref - logp) - 1. A group whose rewards are all equal carries no signal
+(its advantages are 0) and is dropped: its tokens leave the mean's denominator, and it is counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Advantages:
+    values: torch.Tensor  # [episodes], 0 for dropped groups
+    kept: torch.Tensor  # [episodes] bool: False for every episode of a dropped (equal-reward) group
+    dropped_groups: int
+    groups: int
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> Advantages:
+    """`rewards` holds consecutive groups of `group_size` episodes of one prompt each."""
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not form groups of {group_size}")
+    grouped = rewards.float().view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True, unbiased=True)
+    equal = (grouped.max(dim=1).values - grouped.min(dim=1).values) <= 1e-9
+    adv = torch.where(equal[:, None], torch.zeros_like(grouped), (grouped - mean) / (std + eps))
+    kept = (~equal)[:, None].expand_as(grouped)
+    return Advantages(adv.reshape(-1), kept.reshape(-1), int(equal.sum()), grouped.shape[0])
+
+
+@dataclass(frozen=True)
+class LossParts:
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor
+    kl: torch.Tensor
+    tokens: torch.Tensor
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_ratio: float = 0.2,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    normaliser: float | None = None,
+) -> LossParts:
+    """Token-mean clipped surrogate over `mask` (1 on sampled action tokens of kept episodes).
+
+    `logp`, `old_logp`, `ref_logp`, `mask`: [episodes, tokens]; `advantages`: [episodes]. `normaliser`
+    replaces the mask's own token count when a step's batch is split into micro-batches: each then
+    divides by the step's token count, and the micro-batch losses sum to the step's token mean.
+    """
+    mask = mask.to(logp.dtype)
+    tokens = mask.sum()
+    denom = torch.as_tensor(normaliser if normaliser is not None else tokens.clamp(min=1.0), dtype=logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.to(logp.dtype)[:, None]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    clip_fraction = ((clipped < unclipped).to(logp.dtype) * mask).sum() / tokens.clamp(min=1.0)
+    kl = torch.zeros((), dtype=logp.dtype)
+    if ref_logp is not None and kl_coef > 0:
+        delta = ref_logp - logp
+        per_kl = torch.exp(delta) - delta - 1.0
+        per_token = per_token + kl_coef * per_kl
+        kl = (per_kl * mask).sum() / tokens.clamp(min=1.0)
+    loss = (per_token * mask).sum() / denom
+    return LossParts(loss, clip_fraction.detach(), kl.detach(), tokens.detach())
+
+
+def token_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each token given its prefix, entropy of that distribution), [B, T-1] each.
+
+    Position t scores token t+1, so callers shift their masks by one (`mask[:, 1:]`). Logits are divided
+    by the sampling temperature, as the rollout engine samples from them.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy

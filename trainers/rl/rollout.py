@@ -1,0 +1,292 @@
+"""Multi-turn rollouts that are token-in, token-out: live agent episodes whose token ids are the ones the
+policy sampled and the ones its observations were encoded to, never a re-tokenised transcript.
+
+Each episode is an `argus.agent.env.AgentEnv` episode (its own sandbox session with the task image as
+`image_1`, DeepEyesV2's observation strings, tool failures as observations, the DeepEyesV2 reward). The
+policy the environment calls is a `TokenPolicy`, one per episode, which owns the episode's ids: on its
+first turn it encodes the opening in the ChatML layout the SFT encoder trains on; on every later turn it
+appends only the new observation, wrapped as verl's agent loop does
+(`<|im_end|>\\n<|im_start|>user\\n…<|im_end|>\\n<|im_start|>assistant\\n`), with loss mask 0, then the
+sampled tokens with mask 1 and the engine's log-probabilities. The text it hands back to the environment
+is a decoding of the sampled ids, used to parse the action and to score; the ids stay authoritative.
+
+Episodes advance in lockstep, as in verl (`agent_rollout_loop`): every live episode asks for its next
+turn, and one batched `generate` serves them all, in episode order with a seed of (step, turn), so a
+rollout is reproducible for a seed however long each tool takes. Tool calls of a turn run concurrently
+(bounded by the executor's own admission), generation runs in a worker thread so the event loop keeps
+serving tool responses, and each episode has a wall-clock limit past which it is cut and masked, so one
+long-tail episode cannot hold a step for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from argus.agent.env import AgentEnv, Message, ToolClients, Trajectory
+from argus.agent.task import Task
+from argus.config import Prompt
+from trainers.sft.data import chatml_parts
+
+HTTP_MARGIN_S = 15.0
+STOP_TOKENS = ("<|im_end|>", "</code>", "</tool_call>")  # DeepEyesV2 stops a turn at an action's end
+
+
+@dataclass
+class Sample:
+    ids: list[int]
+    logprobs: list[float]
+    stopped: bool  # ended on a stop token (else it ran out of its token budget)
+
+
+class Engine(Protocol):
+    """A rollout engine: samples continuations of many token sequences at once."""
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: list[int], seed: int) -> list[Sample]: ...
+
+
+class InProcessEngine:
+    """Hugging Face `generate` on the trainer's own weights (CPU, small models): batched, left-padded,
+    sampling at the job's temperature, stopping at the end of an action. The log-probabilities are
+    those of the sampling distribution (logits / temperature), as the trainer recomputes them."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, temperature: float = 1.0):
+        self.model = model
+        self.tok = tokenizer
+        self.temperature = temperature
+        self.stop_ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in STOP_TOKENS]
+        self.pad = int(tokenizer.pad_token_id)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: list[int], seed: int) -> list[Sample]:
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            # A private RNG stream: the rollout of a step is a function of its seed, and the trainer's
+            # own RNG (dropout, data order) is untouched by how many tokens were sampled.
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max(max_new_tokens),
+                    do_sample=True,
+                    temperature=self.temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    eos_token_id=self.stop_ids,
+                    pad_token_id=self.pad,
+                    return_dict_in_generate=True,
+                    output_scores=True,
+                )
+        finally:
+            self.model.train(was_training)
+        new = out.sequences[:, width:]
+        logp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
+        chosen = logp.gather(-1, new[:, :, None]).squeeze(-1)
+        samples = []
+        stops = set(self.stop_ids)
+        for i, budget in enumerate(max_new_tokens):
+            row = new[i].tolist()
+            n, stopped = min(budget, len(row)), False
+            for j, token in enumerate(row[:n]):
+                if token in stops:
+                    n, stopped = j + 1, True
+                    break
+            samples.append(Sample(row[:n], chosen[i, :n].tolist(), stopped))
+        return samples
+
+
+class Lockstep:
+    """Serves every live episode's turn with one `generate` call, in episode order."""
+
+    def __init__(self, engine: Engine, episodes: int, seed: int):
+        self.engine = engine
+        self.live = episodes
+        self.seed = seed
+        self.turn = 0
+        self.pending: dict[int, tuple[list[int], int, asyncio.Future[Sample]]] = {}
+        self.running = False
+        self.generate_s = 0.0
+        self.batches: list[int] = []
+        self.error: BaseException | None = None
+
+    async def request(self, index: int, ids: list[int], budget: int) -> Sample:
+        future: asyncio.Future[Sample] = asyncio.get_running_loop().create_future()
+        self.pending[index] = (ids, budget, future)
+        self._maybe_run()
+        return await future
+
+    def finish(self, index: int) -> None:
+        self.live -= 1
+        stale = self.pending.pop(index, None)
+        if stale is not None and not stale[2].done():
+            stale[2].cancel()
+        self._maybe_run()
+
+    def _maybe_run(self) -> None:
+        if not self.running and self.pending and len(self.pending) >= self.live:
+            self.running = True
+            asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        order = sorted(self.pending)
+        batch = [self.pending.pop(i) for i in order]
+        seed = hash((self.seed, self.turn)) & 0x7FFFFFFF
+        self.turn += 1
+        started = time.perf_counter()
+        try:
+            samples = await asyncio.to_thread(self.engine.generate, [b[0] for b in batch], [b[1] for b in batch], seed)
+        except BaseException as exc:  # noqa: BLE001 - the engine failing fails the rollout, loudly
+            self.error = exc
+            for _ids, _budget, fut in batch:
+                if not fut.done():
+                    fut.cancel()
+            return
+        finally:
+            self.generate_s += time.perf_counter() - started
+            self.batches.append(len(batch))
+            self.running = False
+        for (_ids, _budget, fut), sample in zip(batch, samples, strict=True):
+            if not fut.done():
+                fut.set_result(sample)
+        self._maybe_run()
+
+
+class Truncated(Exception):
+    """The episode used its whole response-token budget."""
+
+
+@dataclass
+class Episode:
+    index: int
+    task: Task
+    ids: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)  # 1: sampled by the policy; 0: prompt or observation
+    logprobs: list[float] = field(default_factory=list)  # the engine's, 0.0 off the mask
+    generated: int = 0
+    truncated: bool = False
+    timed_out: bool = False
+    trajectory: Trajectory | None = None
+
+    def extend(self, ids: list[int], sampled: bool, logprobs: list[float] | None = None) -> None:
+        self.ids.extend(ids)
+        self.mask.extend([1 if sampled else 0] * len(ids))
+        self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
+
+    @property
+    def masked(self) -> bool:
+        """Left out of the loss: cut by the token budget or the time limit, so its reward is not the
+        reward of a finished answer."""
+        return self.truncated or self.timed_out
+
+
+class TokenPolicy:
+    """The AgentEnv policy of one episode: it keeps the ids and hands the environment text."""
+
+    def __init__(self, episode: Episode, lockstep: Lockstep, tokenizer: Any, *, turn_tokens: int, budget: int):
+        self.ep = episode
+        self.lockstep = lockstep
+        self.tok = tokenizer
+        self.turn_tokens = turn_tokens
+        self.budget = budget
+        self.seen = 0
+        self.end = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        self.assistant = chatml_parts(tokenizer, "assistant", "")[0]
+        self.newline = chatml_parts(tokenizer, "assistant", "")[2]
+
+    def _encode(self, messages: list[Message]) -> list[int]:
+        return [i for m in messages for part in chatml_parts(self.tok, m["role"], m["content"]) for i in part]
+
+    async def __call__(self, messages: list[Message], images: list[bytes]) -> str:
+        ep = self.ep
+        if not ep.ids:
+            ep.extend(self._encode(messages) + self.assistant, sampled=False)
+        else:
+            # The turn stopped at the end of an action (or its own <|im_end|>): close it as ChatML does,
+            # then the observation and the next assistant header, none of it the policy's.
+            closing = [] if ep.ids[-1] == self.end else [self.end]
+            observed = closing + self.newline + self._encode(messages[self.seen :]) + self.assistant
+            ep.extend(observed, sampled=False)
+        left = self.budget - ep.generated
+        if left <= 0:
+            ep.truncated = True
+            raise Truncated(f"{ep.generated} response tokens")
+        sample = await self.lockstep.request(ep.index, ep.ids, min(self.turn_tokens, left))
+        ep.extend(sample.ids, sampled=True, logprobs=sample.logprobs)
+        ep.generated += len(sample.ids)
+        if not sample.stopped and ep.generated >= self.budget:
+            ep.truncated = True
+        self.seen = len(messages) + 1  # the environment appends this turn next
+        text: str = self.tok.decode(sample.ids, skip_special_tokens=False)
+        return text.removesuffix("<|im_end|>")
+
+
+@dataclass
+class RolloutResult:
+    episodes: list[Episode]
+    seconds: float
+    generate_s: float
+    batches: list[int]
+
+
+async def rollout(
+    tasks: list[Task],
+    engine: Engine,
+    tokenizer: Any,
+    *,
+    group_size: int,
+    seed: int,
+    sandbox_url: str,
+    search_url: str,
+    prompt: Prompt,
+    max_turns: int,
+    turn_tokens: int,
+    response_tokens: int,
+    tool_timeout_s: float,
+    episode_timeout_s: float,
+    run_id: str,
+    make_env: Callable[[ToolClients], AgentEnv] | None = None,
+) -> RolloutResult:
+    """`group_size` episodes of every task, in task order (a group's episodes are consecutive)."""
+    started = time.perf_counter()
+    episodes = [Episode(i, task) for i, task in enumerate(t for t in tasks for _ in range(group_size))]
+    lockstep = Lockstep(engine, len(episodes), seed)
+    # The executor enforces the cell's limit and answers with its timeout text (an observation the model
+    # learns from); the HTTP limit past it only catches an executor that does not answer at all.
+    tools = ToolClients(sandbox_url, search_url, run_id=run_id, timeout_s=tool_timeout_s + HTTP_MARGIN_S)
+    env = (
+        make_env(tools)
+        if make_env
+        else AgentEnv(tools, max_turns=max_turns, code_timeout_s=tool_timeout_s, prompt=prompt)
+    )
+
+    async def play(ep: Episode) -> None:
+        policy = TokenPolicy(ep, lockstep, tokenizer, turn_tokens=turn_tokens, budget=response_tokens)
+        try:
+            ep.trajectory = await asyncio.wait_for(env.run(ep.task, policy), episode_timeout_s)
+        except TimeoutError:
+            ep.timed_out = True
+        except asyncio.CancelledError:
+            if lockstep.error is None:
+                raise
+        finally:
+            lockstep.finish(ep.index)
+
+    try:
+        await asyncio.gather(*(play(ep) for ep in episodes))
+    finally:
+        await tools.aclose()
+    if lockstep.error is not None:
+        raise RuntimeError(f"rollout engine failed: {lockstep.error!r}") from lockstep.error
+    return RolloutResult(episodes, time.perf_counter() - started, lockstep.generate_s, lockstep.batches)

@@ -1,0 +1,418 @@
+"""The RL program: GRPO with multi-turn tool rollouts, one process per rank under torchrun (locally) or a
+PyTorchJob pod, with the SFT trainer's contract.
+
+    torchrun --nproc_per_node 2 -m trainers.rl --config job.json      # or ARGUS_JOB_CONFIG='{...}'
+
+Each step, every rank takes its share of `prompts_per_step` RL tasks (a seeded order over epochs, a pure
+function of the step), plays `rollouts_per_prompt` live episodes of each against the run's code executor
+and search proxy (`trainers.rl.rollout`, token-in/token-out), scores them with DeepEyesV2's reward,
+normalises rewards within each prompt's group, and takes one optimizer step of the clipped policy loss
+averaged over the sampled tokens (`trainers.rl.grpo`). Groups with equal rewards carry no signal and are
+dropped (counted); episodes cut by the token budget or the time limit are masked out.
+
+The in-process engine generates with the weights being trained, so there is nothing to sync; what is
+checked every step is the same thing a separate engine would need: the engine's log-probabilities of
+the tokens it sampled against the trainer's recomputation, failing loudly past `LOGPROB_TOLERANCE`
+(a sign of a stale or corrupted policy, or of a mismatched tokenisation).
+
+Checkpoints and resume are `trainers.base`'s: model, optimizer, scheduler, RNG and the MLflow run; the
+step is the data position. Rank 0 logs per-step figures to MLflow and prints `ARGUS {json}` progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import torch
+
+from argus import events, tracking
+from argus.agent.task import Task
+from argus.config import RLJobConfig
+from argus.data.formats import DataFormatError, read_rl_parquet
+from argus.models.export import export_record, prompt_mismatch
+from argus.storage import read_uri
+from argus.supervision import die_with_parent
+from trainers.base import DeepSpeedTrainer, load_job, materialise_model
+from trainers.deepspeed import torch_extensions_dir
+from trainers.rl.grpo import group_advantages, policy_loss, token_logprobs
+from trainers.rl.rollout import Episode, InProcessEngine, RolloutResult, rollout
+
+log = logging.getLogger("argus.rl")
+LOGPROB_TOLERANCE = 0.05  # mean |engine - trainer| log-probability per sampled token
+
+
+class RLTrainer(DeepSpeedTrainer):
+    def __init__(self, job: RLJobConfig):
+        super().__init__(job, job.rl, "rl")
+        self.job: RLJobConfig = job
+        self.rl = job.rl
+
+    # -- set-up --------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        job = self.job
+        if job.rl.engine != "in-process":
+            raise SystemExit(f"error: {job.job_name}: rl.engine {job.rl.engine!r} is not available in this trainer")
+        model_dir = materialise_model(job.model, self.model_cache(), self.settings)
+        reason = prompt_mismatch(str(model_dir), job.prompt, "trained by RL", None)
+        if reason:
+            raise SystemExit(f"error: {reason}")
+        self.start_record = export_record(str(model_dir)) or {}
+        config = AutoConfig.from_pretrained(model_dir)
+        if config.model_type in ("qwen2_5_vl", "qwen2_vl"):
+            raise SystemExit(
+                f"error: {job.model}: the in-process rollout engine generates with text models only; "
+                "a vision-language model needs rl.engine: vllm"
+            )
+        if job.rl.deepspeed.zero_stage == 3:
+            raise SystemExit("error: rl.deepspeed.zero_stage 3 shards the weights the in-process engine samples from")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.reference: Any = None
+        if job.rl.kl_coef > 0:  # the frozen start model; DeepEyesV2 (kl 0) loads none
+            self.reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            self.reference.requires_grad_(False)
+            self.reference.eval()
+        self.dataset_sha256 = hashlib.sha256(read_uri(job.dataset, self.settings)).hexdigest()
+        self.tasks: list[Task] = read_rl_parquet(job.dataset, self.settings)
+        if not self.tasks:
+            raise SystemExit(f"error: {job.dataset}: no RL tasks")
+        self.per_rank = self.rl.episodes_per_rank(self.world) // self.rl.rollouts_per_prompt
+        self.total_steps = job.rl.max_steps or max(
+            1, math.ceil(job.rl.epochs * len(self.tasks) / job.rl.prompts_per_step)
+        )
+        self.initialize(model, self.total_steps)
+
+    def prompts_at(self, step: int) -> list[Task]:
+        """This rank's prompts of `step` (0-based): a seeded permutation per epoch, read in order."""
+        n, per_step = len(self.tasks), self.rl.prompts_per_step
+        picked = []
+        for k in range(step * per_step + self.rank * self.per_rank, step * per_step + (self.rank + 1) * self.per_rank):
+            epoch, i = divmod(k, n)
+            order = list(range(n))
+            random.Random(f"{self.rl.seed}-{epoch}").shuffle(order)
+            picked.append(self.tasks[order[i]])
+        return picked
+
+    # -- one step --------------------------------------------------------------------------------------
+
+    def play(self, step: int) -> RolloutResult:
+        job = self.job
+        engine = InProcessEngine(self.engine.module, self.tokenizer, temperature=job.rl.temperature)
+        return asyncio.run(
+            rollout(
+                self.prompts_at(step),
+                engine,
+                self.tokenizer,
+                group_size=job.rl.rollouts_per_prompt,
+                seed=hash((job.rl.seed, step, self.rank)) & 0x7FFFFFFF,
+                sandbox_url=job.sandbox_url,
+                search_url=job.search_url,
+                prompt=job.prompt,
+                max_turns=job.rl.max_turns,
+                turn_tokens=job.rl.max_turn_tokens,
+                response_tokens=job.rl.max_response_tokens,
+                tool_timeout_s=job.rl.tool_timeout_s,
+                episode_timeout_s=job.rl.episode_timeout_s,
+                run_id=f"{job.job_name}-step{step}-r{self.rank}",
+            )
+        )
+
+    def learn(self, episodes: list[Episode]) -> dict[str, float]:
+        """Advantages, then one optimizer step accumulated over the rank's micro-batches."""
+        spec = self.rl
+        rewards = torch.tensor([reward_of(ep) for ep in episodes])
+        adv = group_advantages(rewards, spec.rollouts_per_prompt)
+        keep = [bool(k) and not ep.masked for k, ep in zip(adv.kept.tolist(), episodes, strict=True)]
+        # Every micro-batch divides by the step's count of trained tokens, so the micro-batch losses sum
+        # to the token mean over the rank's batch (DeepSpeed divides each by the accumulation count).
+        trained_tokens = sum(sum(ep.mask) for ep, k in zip(episodes, keep, strict=True) if k)
+        micro = spec.micro_batch_size
+        n_micro = spec.micro_batches_per_step(self.world)
+        sums: dict[str, float] = defaultdict(float)
+        pad = int(self.tokenizer.pad_token_id)
+        for m in range(n_micro):
+            chunk = list(range(m * micro, min((m + 1) * micro, len(episodes))))
+            width = max(len(episodes[i].ids) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            mask = torch.zeros((len(chunk), width), dtype=torch.float32)
+            engine_logp = torch.zeros((len(chunk), width))
+            for row, i in enumerate(chunk):
+                ep = episodes[i]
+                n = len(ep.ids)
+                ids[row, :n] = torch.tensor(ep.ids)
+                attn[row, :n] = 1
+                if keep[i]:
+                    mask[row, :n] = torch.tensor(ep.mask, dtype=torch.float32)
+                engine_logp[row, :n] = torch.tensor(ep.logprobs)
+            logp, entropy = token_logprobs(self.engine, ids, attn, spec.temperature)
+            action = mask[:, 1:]
+            ref_logp = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_logp, _ = token_logprobs(self.reference, ids, attn, spec.temperature)
+            parts = policy_loss(
+                logp,
+                logp.detach(),  # one update per rollout batch: the sampling policy is the current one
+                adv.values[chunk],
+                action,
+                clip_ratio=spec.clip_ratio,
+                ref_logp=ref_logp,
+                kl_coef=spec.kl_coef,
+                normaliser=max(trained_tokens, 1) / n_micro,
+            )
+            self.engine.backward(parts.loss)
+            self.engine.step()
+            # The sync check: every sampled token (kept or not) scored by the engine and the trainer.
+            sampled = torch.zeros_like(action)
+            for row, i in enumerate(chunk):
+                sampled[row, : len(episodes[i].ids) - 1] = torch.tensor(episodes[i].mask[1:], dtype=torch.float32)
+            gap = ((logp.detach() - engine_logp[:, 1:]).abs() * sampled).sum()
+            sums["gap"] += float(gap)
+            sums["sampled"] += float(sampled.sum())
+            sums["loss"] += float(parts.loss.detach())
+            sums["entropy"] += float((entropy.detach() * action).sum())
+            sums["kl"] += float(parts.kl) * float(parts.tokens)
+            sums["clip"] += float(parts.clip_fraction) * float(parts.tokens)
+        stats = torch.tensor(
+            [
+                sums["gap"],
+                sums["sampled"],
+                sums["loss"],
+                sums["entropy"],
+                sums["kl"],
+                sums["clip"],
+                float(trained_tokens),
+            ]
+        )
+        self.dist.all_reduce(stats)
+        gap_mean = float(stats[0] / stats[1].clamp(min=1))
+        if gap_mean > LOGPROB_TOLERANCE:
+            raise RuntimeError(
+                f"rollout engine and trainer disagree: mean |log-prob gap| {gap_mean:.4f} per sampled token "
+                f"> {LOGPROB_TOLERANCE} (stale weights, or tokens that are not the ones sampled)"
+            )
+        trained = float(stats[6])
+        masked_tokens = sum(sum(ep.mask) for ep, k in zip(episodes, keep, strict=True) if not k)
+        return {
+            "train/loss": float(stats[2]) / self.world,
+            "train/entropy": float(stats[3]) / max(trained, 1.0),
+            "train/kl": float(stats[4]) / max(trained, 1.0),
+            "train/clip_fraction": float(stats[5]) / max(trained, 1.0),
+            "train/trained_tokens": trained,
+            "train/logprob_gap": gap_mean,
+            "rollout/dropped_groups": adv.dropped_groups / max(adv.groups, 1),
+            "rollout/masked_token_share": masked_tokens / max(masked_tokens + trained_tokens, 1),
+        }
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        job = self.job
+        step, _position, run_id = self.resume()
+        tracker = None
+        if self.is_main:
+            tags = {
+                tracking.TAG_JOB_NAME: job.job_name,
+                tracking.TAG_STAGE: "rl",
+                tracking.TAG_DATASET_URI: job.dataset,
+                tracking.TAG_DATASET_SHA256: self.dataset_sha256,
+                tracking.TAG_BASE_MODEL_URI: job.model,
+                tracking.TAG_CODE_VERSION: tracking.code_version(),
+                tracking.TAG_NODE_POOL: job.node_pool or "local",
+                tracking.TAG_PROMPT: job.prompt,
+                **(
+                    {tracking.TAG_SFT_RUN_ID: str(self.start_record["mlflow_run_id"])}
+                    if self.start_record.get("mlflow_run_id")
+                    else {}
+                ),
+                **job.lineage,
+            }
+            tracker = tracking.RunTracker(job.mlflow_experiment, job.job_name, tags=tags, resume_run_id=run_id)
+            run_id = tracker.run_id
+            if not tracker.resumed:
+                rl = job.rl
+                tracker.log_params(
+                    {
+                        "world_size": self.world,
+                        "zero_stage": rl.deepspeed.zero_stage,
+                        "lr": rl.optim.lr,
+                        "scheduler": rl.optim.scheduler,
+                        "prompts_per_step": rl.prompts_per_step,
+                        "rollouts_per_prompt": rl.rollouts_per_prompt,
+                        "micro_batch_size": rl.micro_batch_size,
+                        "max_turns": rl.max_turns,
+                        "temperature": rl.temperature,
+                        "clip_ratio": rl.clip_ratio,
+                        "kl_coef": rl.kl_coef,
+                        "engine": rl.engine,
+                        "total_steps": self.total_steps,
+                        "tasks": len(self.tasks),
+                        "seed": rl.seed,
+                    }
+                )
+            events.emit(events.Start(step=step, total=self.total_steps, mlflow_run_id=run_id, examples=len(self.tasks)))
+        run_id = self.broadcast(run_id)
+        every = job.rl.checkpoint.every_steps
+        try:
+            while step < self.total_steps:
+                started = time.perf_counter()
+                result = self.play(step)
+                rolled = time.perf_counter()
+                figures = self.learn(result.episodes)
+                step += 1
+                figures.update(self.rollout_figures(result))
+                figures["time/rollout_s"] = rolled - started
+                figures["time/generate_s"] = result.generate_s
+                figures["time/train_s"] = time.perf_counter() - rolled
+                figures["train/lr"] = float(self.scheduler.get_last_lr()[0])
+                figures["train/step_time_s"] = time.perf_counter() - started
+                gathered: list[dict[str, float]] = [{} for _ in range(self.world)]
+                self.dist.all_gather_object(gathered, figures)
+                if self.is_main and tracker is not None:
+                    merged = merge_figures(gathered)
+                    tracker.log_metrics(merged, step)
+                    if job.rl.trajectories_every and (step % job.rl.trajectories_every == 0 or step == 1):
+                        tracker.log_text(trajectories_text(result.episodes), f"trajectories/step-{step:06d}.md")
+                    events.emit(
+                        events.Step(
+                            step=step,
+                            total=self.total_steps,
+                            loss=round(merged["train/loss"], 6),
+                            lr=merged["train/lr"],
+                            tokens=int(merged["train/trained_tokens"]),
+                            step_time_s=round(merged["train/step_time_s"], 3),
+                            metrics={
+                                k: round(v, 4) for k, v in merged.items() if k.startswith(("rollout/", "reward/"))
+                            },
+                        )
+                    )
+                if step % every == 0 or step == self.total_steps:
+                    self.save(step, step, run_id)
+            self.export(run_id, step)
+        except BaseException:
+            if tracker is not None:
+                tracker.end("FAILED")
+            raise
+        if tracker is not None:
+            tracker.set_tags({tracking.TAG_EXPORT_URI: job.output_uri})
+            tracker.end("FINISHED")
+
+    def rollout_figures(self, result: RolloutResult) -> dict[str, float]:
+        """Reward, accuracy and format by family; tool use, tool errors and latency; turns and length."""
+        eps = result.episodes
+        out: dict[str, float] = {"rollout/episodes": float(len(eps))}
+        by_family: dict[str, list[Episode]] = defaultdict(list)
+        for ep in eps:
+            by_family[ep.task.family].append(ep)
+            by_family["overall"].append(ep)
+        for family, group in by_family.items():
+            rewards = [ep.trajectory.reward for ep in group if ep.trajectory and ep.trajectory.reward]
+            n = max(len(group), 1)
+            out[f"reward/{family}/mean"] = sum(r.score for r in rewards) / n
+            out[f"reward/{family}/accuracy"] = sum(r.accuracy for r in rewards) / n
+            out[f"reward/{family}/format_rate"] = sum(r.format for r in rewards) / n
+        totals = [reward_of(ep) for ep in eps]
+        mean = sum(totals) / max(len(totals), 1)
+        out["reward/overall/std"] = math.sqrt(sum((t - mean) ** 2 for t in totals) / max(len(totals), 1))
+        calls = [c for ep in eps if ep.trajectory for c in ep.trajectory.tool_calls]
+        mix = Counter(c.tool for c in calls)
+        out["rollout/tool_calls_per_episode"] = len(calls) / max(len(eps), 1)
+        out["rollout/tool_call_rate"] = sum(1 for ep in eps if ep.trajectory and ep.trajectory.tool_calls) / max(
+            len(eps), 1
+        )
+        out["rollout/tool_error_rate"] = sum(1 for c in calls if not c.ok) / max(len(calls), 1)
+        for tool in ("python", "search", "image_search", "invalid"):
+            out[f"rollout/tool_mix/{tool}"] = mix[tool] / max(len(calls), 1)
+        for tool in ("python", "search", "image_search"):
+            lat = [c.latency_s for c in calls if c.tool == tool]
+            if lat:
+                out[f"tools/{tool}_latency_s"] = sum(lat) / len(lat)
+        out["time/tools_s"] = sum(c.latency_s for c in calls)
+        out["rollout/turns"] = sum(ep.trajectory.turns for ep in eps if ep.trajectory) / max(len(eps), 1)
+        out["rollout/response_tokens"] = sum(ep.generated for ep in eps) / max(len(eps), 1)
+        out["rollout/truncated"] = sum(1 for ep in eps if ep.truncated) / max(len(eps), 1)
+        out["rollout/timed_out"] = sum(1 for ep in eps if ep.timed_out) / max(len(eps), 1)
+        out["rollout/episodes_per_s"] = len(eps) / max(result.seconds, 1e-9)
+        out["rollout/tool_calls_per_s"] = len(calls) / max(result.seconds, 1e-9)
+        return out
+
+    def export_record(self) -> dict[str, Any]:
+        return {"stage": "rl", "start_model": self.job.model, "start_record": self.start_record}
+
+
+SHOWN = ("rollout/", "reward/")  # the figures a progress line carries beside loss and lr
+
+
+def reward_of(ep: Episode) -> float:
+    """An episode's DeepEyesV2 reward; 0 for one cut by its time limit (it has no answer)."""
+    return ep.trajectory.reward.score if ep.trajectory and ep.trajectory.reward else 0.0
+
+
+def merge_figures(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Ranks play equal shares of the step, so a rank mean is an unweighted mean; times are the slowest
+    rank's (the step waits for it); episode counts add up. (`train/` figures are all-reduced already.)"""
+    keys = {k for part in per_rank for k in part}
+    merged = {}
+    for key in sorted(keys):
+        values = [part[key] for part in per_rank if key in part]
+        if key.startswith("time/") or key == "train/step_time_s":
+            merged[key] = max(values)
+        elif key == "rollout/episodes":
+            merged[key] = sum(values)
+        else:
+            merged[key] = sum(values) / len(values)
+    return merged
+
+
+def trajectories_text(episodes: list[Episode], limit: int = 8) -> str:
+    """A readable sample of a step's episodes: the first `limit`, each with its reward and turns."""
+    blocks = []
+    for ep in episodes[:limit]:
+        traj = ep.trajectory
+        head = f"## {ep.task.id} ({ep.task.family}) episode {ep.index}"
+        if traj is None:
+            blocks.append(f"{head}\ntimed out after {ep.generated} tokens\n")
+            continue
+        reward = traj.reward
+        lines = [
+            head,
+            f"reward {reward.score if reward else 0:.2f} · accuracy {reward.accuracy if reward else 0:.0f} · "
+            f"finish {traj.finish} · {traj.turns} turns · {ep.generated} tokens" + (" · masked" if ep.masked else ""),
+            f"ground truth: {ep.task.answer}",
+        ]
+        for m in traj.messages[1:]:
+            lines.append(f"\n**{m['role']}**\n\n```\n{m['content']}\n```")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="job config (JSON or YAML); default: $ARGUS_JOB_CONFIG")
+    args = parser.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
+    die_with_parent()
+    job = load_job(RLJobConfig, args.config)
+    try:
+        trainer = RLTrainer(job)
+        trainer.load()
+        trainer.train()
+    except (DataFormatError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -43,6 +43,8 @@ TAG_REGISTER_KEY = "argus.register.key"
 TAG_SPEC_URI = "argus.spec.uri"
 TAG_DATA_ROOT = "argus.data.root"
 TAG_SFT_RUN_ID = "argus.sft.mlflow_run_id"
+TAG_RL_RUN_ID = "argus.rl.mlflow_run_id"
+TAG_RL_START_MODEL = "argus.rl.start_model"  # the SFT export an RL run started from
 TAG_PRODUCTION_REJECTED = "argus.production.rejected"
 
 ALIAS_CANDIDATE = "candidate"

@@ -1,11 +1,11 @@
-"""`pipeline`: data → tool environment → cold-start SFT → evaluation (base and SFT) → registry → serving.
+"""`pipeline`: data → tool environment → cold-start SFT → RL → evaluation (base, SFT, RL) → registry → serving.
 
 Each stage (`flows.stages`) is a Prefect task or subflow over the `Backend`, so the same flow runs on
 this machine and on a cluster. Stage results are persisted under keys of their inputs (spec sections,
 data hashes, model fingerprints, the run name): re-running a spec with the same run name skips what
 finished and resumes training from its last checkpoint. A failing stage tears down what the run started.
-The RL stage goes between `sft` and `evaluate`: it starts from the SFT model and its model is evaluated
-and registered as the candidate.
+The RL stage (when `rl.enabled`) goes between `sft` and `evaluate`: it starts from the SFT model, and
+its model is evaluated beside base and SFT and registered as the candidate.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from argus import tracking
 from flows.context import PipelineError, open_run
 from flows.results import PipelineResult
-from flows.stages import data, evaluate, register, serve, sft, tools
+from flows.stages import data, evaluate, register, rl, serve, sft, tools
 
 
 def _flow_run_name() -> str:
@@ -34,8 +34,10 @@ def pipeline(spec_uri: str, run_name: str | None = None) -> PipelineResult:
         with tools.running(ctx, suite) as endpoints:
             base = sft.base_model(ctx)
             trained = sft.run(ctx, suite, base, endpoints)
-            reports = evaluate.run(ctx, suite, endpoints, {"base": base[0], "sft": trained.model_uri})
-        registered = register.run(ctx, suite, trained, reports)
+            refined = rl.run(ctx, suite, trained, endpoints) if ctx.spec.rl.enabled else None
+            models = {"base": base[0], "sft": trained.model_uri, **({"rl": refined.model_uri} if refined else {})}
+            reports = evaluate.run(ctx, suite, endpoints, models)
+        registered = register.run(ctx, suite, trained, reports, refined)
         registered, serving = serve.run(ctx, registered)
         result = PipelineResult(
             spec=ctx.spec.name,
@@ -45,8 +47,10 @@ def pipeline(spec_uri: str, run_name: str | None = None) -> PipelineResult:
             mlflow_run_url=ctx.mlflow_run_url,
             data=suite,
             sft=trained,
+            rl=refined,
             base_eval=reports["base"],
             sft_eval=reports["sft"],
+            rl_eval=reports.get("rl"),
             registered=registered,
             serving=serving,
             stages=ctx.stages,

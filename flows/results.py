@@ -32,15 +32,21 @@ class DataRef(BaseModel):
 
 
 class SFTResult(BaseModel):
+    """A training job's outcome (SFT's, and RL's as `RLResult`)."""
+
     job_name: str
     mlflow_run_id: str | None
     model_uri: str
     checkpoint_uri: str
     steps: int | None = None
     final_loss: float | None = None
+    final_metrics: dict[str, float] = Field(default_factory=dict, description="the last step's further figures")
     restarts: int = 0
     resumed_from: str | None = None
     work_s: float = 0.0
+
+
+RLResult = SFTResult  # the same record; the stage's name says which job it was
 
 
 class EvalReport(BaseModel):
@@ -93,8 +99,10 @@ class PipelineResult(BaseModel):
     mlflow_run_url: str
     data: DataRef
     sft: SFTResult
+    rl: RLResult | None = None
     base_eval: EvalReport
     sft_eval: EvalReport
+    rl_eval: EvalReport | None = None
     registered: RegisteredVersion
     serving: PromotionResult | None = None
     stages: list[StageTiming]
@@ -106,7 +114,7 @@ class PipelineResult(BaseModel):
 
     @property
     def evaluations(self) -> dict[str, EvalReport]:
-        return {"base": self.base_eval, "sft": self.sft_eval}
+        return {"base": self.base_eval, "sft": self.sft_eval, **({"rl": self.rl_eval} if self.rl_eval else {})}
 
     def final_metrics(self) -> dict[str, float]:
         """What the pipeline's MLflow run records when it finishes."""

@@ -12,11 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from argus.backends.kubernetes.crds import ModelServingSpec, ToolEnvironmentSpec
-from argus.backends.kubernetes.render import resource_requirements
+from argus.backends.kubernetes.render import SANDBOX_PORT, SEARCH_PORT, resource_requirements
 from argus.config import NodePool, Resources
 
-SANDBOX_PORT = 8080
-SEARCH_PORT = 8090
 VLLM_PORT = 8000
 TOOLS_LABEL = "argus.dev/toolenv"
 SERVING_LABEL = "argus.dev/modelserving"

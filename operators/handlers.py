@@ -21,9 +21,8 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from argus.backends.kubernetes.crds import GROUP, VERSION, ModelServingSpec, ToolEnvironmentSpec
+from argus.backends.kubernetes.render import tool_urls
 from operators.children import (
-    SANDBOX_PORT,
-    SEARCH_PORT,
     VLLM_PORT,
     revision_deployment,
     stable_service,
@@ -131,9 +130,10 @@ def reconcile_tools(name: str, namespace: str, spec: dict[str, Any], body: kopf.
     judge_ready = parsed.judge is None or bool(judge and judge.status and (judge.status.ready_replicas or 0) >= 1)
     ready = sandbox_ready and search_ready and judge_ready
     svc = f"{namespace}.svc.cluster.local"
+    urls = tool_urls(name, namespace)
     patch.status["ready"] = ready
-    patch.status["sandbox_url"] = f"http://{name}-sandbox.{svc}:{SANDBOX_PORT}"
-    patch.status["search_url"] = f"http://{name}-search.{svc}:{SEARCH_PORT}"
+    patch.status["sandbox_url"] = urls.sandbox_url
+    patch.status["search_url"] = urls.search_url
     if parsed.judge:
         patch.status["judge_url"] = f"http://{name}-judge.{svc}:{VLLM_PORT}/v1"
     waiting = [n for n, ok in (("sandbox", sandbox_ready), ("search", search_ready), ("judge", judge_ready)) if not ok]

@@ -161,3 +161,34 @@ def local_tools(settings: StackSettings) -> Any:
     from argus.backends.local.backend import LocalBackend
 
     return functools.partial(LocalBackend(settings).tool_environment, "gold")
+
+
+@pytest.fixture(scope="session")
+def training_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackSettings]:
+    """A private platform stack (S3, MLflow, Prefect) the training tests share: one start per session."""
+    from argus.config import StackSettings
+
+    home = tmp_path_factory.mktemp("training-stack")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARGUS_", "MLFLOW_", "AWS_", "PREFECT_"))}
+    env.update(
+        ARGUS_HOME=str(home),
+        ARGUS_S3_PORT=str(free_port()),
+        ARGUS_MLFLOW_PORT=str(free_port()),
+        ARGUS_PREFECT_PORT=str(free_port()),
+        ARGUS_WORKER_PORT=str(free_port()),
+        ARGUS_STARTUP_TIMEOUT_S="180",
+    )
+    cli = Cli(env)
+    cli("stack", "up")
+    settings = StackSettings.model_validate(
+        {
+            "home": home,
+            "s3_port": env["ARGUS_S3_PORT"],
+            "mlflow_port": env["ARGUS_MLFLOW_PORT"],
+            "prefect_port": env["ARGUS_PREFECT_PORT"],
+        }
+    )
+    try:
+        yield settings
+    finally:
+        cli("stack", "down")

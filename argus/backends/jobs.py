@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from argus import tracking
-from argus.backends.base import TrainingJob
-from argus.config import PipelineSpec, SFTJobConfig, StackSettings
+from argus.backends.base import ToolEndpoints, TrainingJob
+from argus.config import PipelineSpec, RLJobConfig, SFTJobConfig, StackSettings, TrainingJobSpec
 
 
 def base_model_uri(spec: PipelineSpec, settings: StackSettings) -> str:
@@ -22,6 +22,38 @@ def base_model_uri(spec: PipelineSpec, settings: StackSettings) -> str:
     if not (path / "config.json").exists():
         init_tiny(arch, str(path), seed=spec.sft.seed, size=size)
     return str(path)
+
+
+def _lineage(spec: PipelineSpec, spec_file: str | Path | None, lineage: dict[str, str] | None) -> dict[str, str]:
+    return {
+        tracking.TAG_SPEC_NAME: spec.name,
+        **({tracking.TAG_SPEC_FILE: str(spec_file)} if spec_file else {}),
+        **(lineage or {}),
+    }
+
+
+def _job(
+    spec: PipelineSpec,
+    stage: str,
+    section: TrainingJobSpec,
+    config: SFTJobConfig | RLJobConfig,
+    nproc_per_node: int | None,
+    env: dict[str, str] | None,
+) -> TrainingJob:
+    return TrainingJob(
+        name=config.job_name,
+        module=f"trainers.{stage}",
+        config=config.model_dump(mode="json"),
+        nodes=section.nodes,
+        nproc_per_node=nproc_per_node or section.nproc_per_node,
+        image=section.image,
+        node_pool=section.node_pool,
+        resources=section.resources,
+        env=env or {},
+        backoff_limit=section.backoff_limit,
+        active_deadline_seconds=section.active_deadline_seconds,
+        labels={"argus.dev/spec": spec.name, "argus.dev/stage": stage},
+    )
 
 
 def sft_job(
@@ -47,23 +79,38 @@ def sft_job(
         checkpoint_uri=spec.sft.checkpoint.uri or f"s3://{settings.bucket_checkpoints}/{spec.name}/{name}",
         output_uri=output_uri or f"s3://{settings.bucket_models}/{spec.name}/{name}",
         node_pool=spec.sft.node_pool,
-        lineage={
-            tracking.TAG_SPEC_NAME: spec.name,
-            **({tracking.TAG_SPEC_FILE: str(spec_file)} if spec_file else {}),
-            **(lineage or {}),
-        },
+        lineage=_lineage(spec, spec_file, lineage),
     )
-    return TrainingJob(
-        name=name,
-        module="trainers.sft",
-        config=config.model_dump(mode="json"),
-        nodes=spec.sft.nodes,
-        nproc_per_node=nproc_per_node or spec.sft.nproc_per_node,
-        image=spec.sft.image,
-        node_pool=spec.sft.node_pool,
-        resources=spec.sft.resources,
-        env=env or {},
-        backoff_limit=spec.sft.backoff_limit,
-        active_deadline_seconds=spec.sft.active_deadline_seconds,
-        labels={"argus.dev/spec": spec.name, "argus.dev/stage": "sft"},
+    return _job(spec, "sft", spec.sft, config, nproc_per_node, env)
+
+
+def rl_job(
+    spec: PipelineSpec,
+    settings: StackSettings,
+    *,
+    name: str,
+    dataset: str,
+    model: str,
+    tools: ToolEndpoints,
+    output_uri: str | None = None,
+    nproc_per_node: int | None = None,
+    lineage: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+    spec_file: str | Path | None = None,
+) -> TrainingJob:
+    """The RL job: from `model` (the SFT export) on the RL split, rolling out against `tools`."""
+    config = RLJobConfig(
+        job_name=name,
+        prompt=spec.prompt,
+        dataset=dataset,
+        model=model,
+        rl=spec.rl,
+        mlflow_experiment=spec.name,
+        checkpoint_uri=spec.rl.checkpoint.uri or f"s3://{settings.bucket_checkpoints}/{spec.name}/{name}",
+        output_uri=output_uri or f"s3://{settings.bucket_models}/{spec.name}/{name}",
+        node_pool=spec.rl.node_pool,
+        lineage=_lineage(spec, spec_file, lineage),
+        sandbox_url=tools.sandbox_url,
+        search_url=tools.search_url,
     )
+    return _job(spec, "rl", spec.rl, config, nproc_per_node, env)

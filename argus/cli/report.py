@@ -35,11 +35,11 @@ def metrics_table(title: str, results: Mapping[str, Mapping[str, Any]]) -> Table
 
 
 def print_result(result: PipelineResult) -> None:
-    base, sft = result.base_eval, result.sft_eval
+    shown = {"base": result.base_eval, "SFT": result.sft_eval, **({"RL": result.rl_eval} if result.rl_eval else {})}
     console.print(
         metrics_table(
-            f"{result.spec} / {result.run_name}: base vs SFT ({base.suite} suite)",
-            {"base": base.metrics, "SFT": sft.metrics},
+            f"{result.spec} / {result.run_name}: {' vs '.join(shown)} ({result.base_eval.suite} suite)",
+            {label: report.metrics for label, report in shown.items()},
         )
     )
     reg = result.registered
@@ -84,7 +84,8 @@ def print_result(result: PipelineResult) -> None:
     console.print(f"MLflow run:   {result.mlflow_run_url}", highlight=False)
     console.print(f"Prefect run:  {result.flow_run_url}", highlight=False)
     console.print(f"model:        {reg.url}", highlight=False)
-    for title, report in (("base eval", base), ("SFT eval", sft)):
+    for label, report in shown.items():
+        title = f"{label} eval"
         note = "  (recorded by an earlier run)" if report.cached else ""
         console.print(f"{title + ':':<14}{report.mlflow_run_url}{note}", highlight=False)
 

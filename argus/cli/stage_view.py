@@ -16,6 +16,8 @@ from rich.table import Table
 
 from argus.cli._common import console, fmt_duration
 
+TRAINING_STAGES = ("sft", "rl")  # the stages whose jobs report a share of optimizer steps
+
 COLOURS = {"COMPLETED": "green", "RUNNING": "yellow", "FAILED": "red", "CRASHED": "red", "CANCELLED": "red"}
 
 
@@ -54,16 +56,19 @@ class StageView:
                 sort=TaskRunSort.EXPECTED_START_TIME_ASC,
                 limit=200,
             )
-            progress = client.read_artifacts(
-                artifact_filter=ArtifactFilter(
-                    key=ArtifactFilterKey(any_=[artifact_key(self.run_name, "sft-progress")])
-                ),
-                flow_run_filter=FlowRunFilter(),
-                task_run_filter=TaskRunFilter(),
-                sort=ArtifactSort.UPDATED_DESC,
-                limit=1,
-                offset=0,
-            )
+            progress = {
+                stage: client.read_artifacts(
+                    artifact_filter=ArtifactFilter(
+                        key=ArtifactFilterKey(any_=[artifact_key(self.run_name, f"{stage}-progress")])
+                    ),
+                    flow_run_filter=FlowRunFilter(),
+                    task_run_filter=TaskRunFilter(),
+                    sort=ArtifactSort.UPDATED_DESC,
+                    limit=1,
+                    offset=0,
+                )
+                for stage in TRAINING_STAGES
+            }
             children = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[self.flow_run_id])),
                 sort=FlowRunSort.EXPECTED_START_TIME_ASC,
@@ -78,8 +83,8 @@ class StageView:
                 continue
             state = (tr.state.name if tr.state else None) or "PENDING"
             detail = ""
-            if stage == "sft" and progress and state.upper() == "RUNNING":
-                detail = f"{float(progress[0].data or 0):.0f}% of steps"  # type: ignore[arg-type]
+            if progress.get(stage) and state.upper() == "RUNNING":
+                detail = f"{float(progress[stage][0].data or 0):.0f}% of steps"  # type: ignore[arg-type]
             elapsed = tr.estimated_run_time.total_seconds() if tr.estimated_run_time else None
             rows.append((stage, state, fmt_duration(elapsed), detail))
         self.rows = rows

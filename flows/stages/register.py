@@ -10,7 +10,7 @@ from prefect.artifacts import create_link_artifact
 from argus import registry, tracking
 from argus.tracking import ALIAS_CANDIDATE
 from flows.context import RunContext
-from flows.results import DataRef, EvalReport, RegisteredVersion, SFTResult, cache_key
+from flows.results import DataRef, EvalReport, RegisteredVersion, RLResult, SFTResult, cache_key
 from flows.runtime import artifact_key, flow_run_links, stack_settings
 
 
@@ -62,14 +62,27 @@ def register(
     return version
 
 
-def run(ctx: RunContext, data: DataRef, trained: SFTResult, reports: dict[str, EvalReport]) -> RegisteredVersion:
-    """The trained model becomes the candidate version, with the run's lineage and every evaluation."""
+def run(
+    ctx: RunContext,
+    data: DataRef,
+    trained: SFTResult,
+    reports: dict[str, EvalReport],
+    refined: RLResult | None = None,
+) -> RegisteredVersion:
+    """The last trained model (RL's when it ran, else SFT's) becomes the candidate version, with the
+    run's lineage (the SFT run, and the RL run with the SFT model it started from) and every evaluation."""
+    candidate = refined or trained
     tags = {
         **ctx.lineage,
         tracking.TAG_PIPELINE_FLOW_RUN_ID: ctx.flow_run_id,
         tracking.TAG_SPEC_URI: ctx.spec_uri,
         tracking.TAG_DATA_ROOT: data.data_root,
         tracking.TAG_SFT_RUN_ID: trained.mlflow_run_id or "",
+        **(
+            {tracking.TAG_RL_RUN_ID: refined.mlflow_run_id or "", tracking.TAG_RL_START_MODEL: trained.model_uri}
+            if refined
+            else {}
+        ),
         tracking.TAG_PROMPT: ctx.spec.prompt,
         **{tracking.eval_run_tag(label): report.mlflow_run_id for label, report in reports.items()},
         **{
@@ -80,4 +93,4 @@ def run(ctx: RunContext, data: DataRef, trained: SFTResult, reports: dict[str, E
         },
     }
     with ctx.stage("register"):
-        return register(trained.model_uri, ctx.spec.model.registered_name, run_id=trained.mlflow_run_id, tags=tags)
+        return register(candidate.model_uri, ctx.spec.model.registered_name, run_id=candidate.mlflow_run_id, tags=tags)

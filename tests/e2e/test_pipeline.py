@@ -109,7 +109,8 @@ def test_quickstart_crash_resume_and_register(cli: Cli, stack_env: dict[str, str
         client = mlflow.MlflowClient(settings.mlflow_url, registry_uri=settings.mlflow_url)
         version = client.get_model_version_by_alias(name, "candidate")
         tags = version.tags
-        assert version.source.startswith(f"s3://{settings.bucket_models}/quickstart/e2e/sft-")
+        # The candidate is the RL model (the quickstart runs RL), with lineage to both training runs.
+        assert version.source.startswith(f"s3://{settings.bucket_models}/quickstart/e2e/rl-")
         assert "production" in version.aliases  # the quickstart asks for promotion
         assert "serving argus-quickstart" in out and "in production at" in out
         for key in (
@@ -117,12 +118,20 @@ def test_quickstart_crash_resume_and_register(cli: Cli, stack_env: dict[str, str
             "argus.data.eval",
             "argus.data.manifest",
             "argus.sft.mlflow_run_id",
+            "argus.rl.mlflow_run_id",
+            "argus.rl.start_model",
+            "eval.rl.overall.accuracy",
             "argus.prefect.flow_run_id",
             "argus.pipeline.flow_run_id",
             "argus.code_version",
         ):
             assert tags.get(key), key
-        assert version.run_id == tags["argus.sft.mlflow_run_id"]
+        assert version.run_id == tags["argus.rl.mlflow_run_id"]
+        assert tags["argus.rl.start_model"].startswith(f"s3://{settings.bucket_models}/quickstart/e2e/sft-")
+        rl_run = client.get_run(tags["argus.rl.mlflow_run_id"])
+        assert rl_run.data.tags["argus.sft.mlflow_run_id"] == tags["argus.sft.mlflow_run_id"]
+        for key in ("reward/overall/mean", "rollout/tool_error_rate", "rollout/dropped_groups", "time/generate_s"):
+            assert key in rl_run.data.metrics, key
         sft_acc = float(tags["eval.sft.overall.accuracy"])
         base_acc = float(tags["eval.base.overall.accuracy"])
         assert sft_acc > base_acc, (sft_acc, base_acc)

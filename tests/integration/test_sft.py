@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,39 +18,15 @@ import pytest
 from argus import events
 from argus.backends.local.launch import TrainingRun
 from argus.config import SFTJobConfig, StackSettings
-from argus.supervision import free_port
-from tests.conftest import REPO, Cli
+from tests.conftest import REPO
 from trainers.checkpoint import CheckpointStore
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackSettings]:
-    home = tmp_path_factory.mktemp("sft-stack")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARGUS_", "MLFLOW_", "AWS_", "PREFECT_"))}
-    env.update(
-        ARGUS_HOME=str(home),
-        ARGUS_S3_PORT=str(free_port()),
-        ARGUS_MLFLOW_PORT=str(free_port()),
-        ARGUS_PREFECT_PORT=str(free_port()),
-        ARGUS_WORKER_PORT=str(free_port()),
-        ARGUS_STARTUP_TIMEOUT_S="180",
-    )
-    cli = Cli(env)
-    cli("stack", "up")
-    settings = StackSettings.model_validate(
-        {
-            "home": home,
-            "s3_port": env["ARGUS_S3_PORT"],
-            "mlflow_port": env["ARGUS_MLFLOW_PORT"],
-            "prefect_port": env["ARGUS_PREFECT_PORT"],
-        }
-    )
-    try:
-        yield settings
-    finally:
-        cli("stack", "down")
+def stack(training_stack: StackSettings) -> StackSettings:
+    return training_stack
 
 
 @pytest.fixture(scope="module")

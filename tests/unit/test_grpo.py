@@ -84,8 +84,14 @@ class _Accelerator:
         return x
 
 
-def trl_loss(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, beta: float = 0.0,
-             ref: torch.Tensor | None = None) -> torch.Tensor:
+def trl_loss(
+    logp: torch.Tensor,
+    old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float = 0.0,
+    ref: torch.Tensor | None = None,
+) -> torch.Tensor:
     """TRL 1.16's `GRPOTrainer._compute_loss` (loss_type "dapo", its default) on the given log-probs."""
     from trl.trainer.grpo_trainer import GRPOTrainer
 

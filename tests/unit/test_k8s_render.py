@@ -57,42 +57,61 @@ def test_crds_are_valid_customresourcedefinitions() -> None:
         assert "$ref" not in text and "anyOf" not in text  # structural: what the API server accepts
 
 
-def test_the_7b_spec_renders_a_4x8_gpu_pytorchjob_on_its_pool_and_queue(gpu_objects: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize("stage", ["sft", "rl"])
+def test_the_7b_spec_renders_4x8_gpu_pytorchjobs_on_their_pool_and_queue(
+    stage: str, gpu_objects: list[dict[str, Any]]
+) -> None:
     kinds = [o["kind"] for o in gpu_objects]
-    assert kinds == ["ToolEnvironment", "ConfigMap", "PyTorchJob", "ModelServing"]
+    assert kinds == ["ToolEnvironment", "ConfigMap", "PyTorchJob", "ConfigMap", "PyTorchJob", "ModelServing"]
     for obj in gpu_objects:
         _validate(obj)
-    job = next(o for o in gpu_objects if o["kind"] == "PyTorchJob")
+    job = next(o for o in gpu_objects if o["kind"] == "PyTorchJob" and o["metadata"]["name"].endswith(f"-{stage}"))
     assert job["metadata"]["labels"][QUEUE_LABEL] == "train-h100"
+    assert job["metadata"]["labels"]["argus.dev/stage"] == stage
     assert job["spec"]["nprocPerNode"] == "8"
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 3  # 4 nodes
     pod = replicas["Worker"]["template"]["spec"]
     container = pod["containers"][0]
-    assert container["name"] == "pytorch" and container["command"][:3] == ["torchrun", "-m", "trainers.sft"]
+    assert container["name"] == "pytorch" and container["command"][:3] == ["torchrun", "-m", f"trainers.{stage}"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert pod["nodeSelector"]["argus.dev/pool"] == "train"
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
     assert all(r["restartPolicy"] == "ExitCode" for r in replicas.values())
-    assert job["spec"]["runPolicy"]["backoffLimit"] == 10
-    assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 259200
     # The job config the pods mount reads DeepSpeed's config from the same ConfigMap.
-    config = next(o for o in gpu_objects if o["kind"] == "ConfigMap")["data"]
+    config = next(
+        o
+        for o in gpu_objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"] == f"{job['metadata']['name']}-config"
+    )["data"]
     ds = json.loads(config["deepspeed.json"])
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
-    assert json.loads(config["job.json"])["sft"]["deepspeed"]["config"] == "/etc/argus/job/deepspeed.json"
+    job_config = json.loads(config["job.json"])
+    assert job_config[stage]["deepspeed"]["config"] == "/etc/argus/job/deepspeed.json"
+    if stage == "sft":
+        assert job["spec"]["runPolicy"]["backoffLimit"] == 10
+        assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 259200
+    else:
+        # 256 prompts x 16 rollouts over 32 ranks, one episode per micro-batch: 128 accumulated passes.
+        assert ds["gradient_accumulation_steps"] == 128 and ds["train_micro_batch_size_per_gpu"] == 1
+        # It starts from the SFT export and rolls out against the run's ToolEnvironment Services.
+        assert job_config["model"].endswith("/deepeyesv2-7b-sft")
+        assert job_config["sandbox_url"] == "http://deepeyesv2-7b-tools-sandbox.argus.svc.cluster.local:8080"
+        assert job_config["search_url"] == "http://deepeyesv2-7b-tools-search.argus.svc.cluster.local:8090"
+        assert job_config["rl"]["engine"] == "vllm" and job_config["rl"]["rollouts_per_prompt"] == 16
     tools = gpu_objects[0]["spec"]
     assert set(tools["node_pools"]) == {"h100-train", "cpu-tools", "h100-serve"}
     serving = gpu_objects[-1]
     assert serving["metadata"]["name"] == "deepeyesv2-7b-staging"
     assert serving["spec"]["node_pool"]["queue"] == "serve-h100"
+    assert serving["spec"]["model_uri"].endswith("/deepeyesv2-7b-rl")  # the RL model is the candidate
 
 
 def test_pytorchjob_round_trips_through_the_kubeflow_models(gpu_objects: list[dict[str, Any]]) -> None:
     from kubeflow.training import ApiClient, models
 
-    job = next(o for o in gpu_objects if o["kind"] == "PyTorchJob")
+    job = next(o for o in gpu_objects if o["kind"] == "PyTorchJob" and o["metadata"]["name"].endswith("-rl"))
 
     class Response:  # what ApiClient.deserialize reads: the body as text
         data = json.dumps(job)
@@ -122,6 +141,8 @@ def test_k8s_render_cli_prints_yaml_documents() -> None:
     ).stdout
     assert [d["kind"] for d in yaml.safe_load_all(out)] == [
         "ToolEnvironment",
+        "ConfigMap",
+        "PyTorchJob",
         "ConfigMap",
         "PyTorchJob",
         "ModelServing",

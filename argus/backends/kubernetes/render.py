@@ -19,10 +19,10 @@ from kubeflow.training import models as km
 from kubernetes import client as k8s
 
 from argus import tracking
-from argus.backends.base import TrainingJob
-from argus.backends.jobs import sft_job
+from argus.backends.base import ToolEndpoints, TrainingJob
+from argus.backends.jobs import rl_job, sft_job
 from argus.backends.kubernetes.crds import Images, ModelServingSpec, ToolEnvironmentSpec, custom_resource
-from argus.config import NodePool, PipelineSpec, Resources, ServingTarget, SFTJobConfig, SFTSpec, StackSettings
+from argus.config import NodePool, PipelineSpec, Resources, RLJobConfig, ServingTarget, SFTJobConfig, StackSettings
 
 STACK_CONFIGMAP = "argus-stack"
 OBJECT_STORE_SECRET = "argus-object-store"
@@ -77,21 +77,32 @@ def resource_requirements(res: Resources, pool: NodePool | None) -> dict[str, di
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
 
 
-def cluster_sft_config(config: dict[str, Any]) -> dict[str, Any]:
+def _job_model(config: dict[str, Any]) -> SFTJobConfig | RLJobConfig:
+    return RLJobConfig.model_validate(config) if "rl" in config else SFTJobConfig.model_validate(config)
+
+
+def cluster_job_config(config: dict[str, Any]) -> dict[str, Any]:
     """The job config as the pods read it: DeepSpeed's config from the mounted ConfigMap."""
-    job = SFTJobConfig.model_validate(config)
-    if job.sft.deepspeed.config is not None:
+    job = _job_model(config)
+    section_name = "rl" if isinstance(job, RLJobConfig) else "sft"
+    section = getattr(job, section_name)
+    if section.deepspeed.config is not None:
         return job.model_dump(mode="json")
-    deepspeed = job.sft.deepspeed.model_copy(update={"config": f"{CONFIG_DIR}/deepspeed.json"})
-    sft = job.sft.model_copy(update={"deepspeed": deepspeed})
-    return job.model_copy(update={"sft": sft}).model_dump(mode="json")
+    deepspeed = section.deepspeed.model_copy(update={"config": f"{CONFIG_DIR}/deepspeed.json"})
+    return job.model_copy(update={section_name: section.model_copy(update={"deepspeed": deepspeed})}).model_dump(
+        mode="json"
+    )
 
 
 def job_configmap(job: TrainingJob, namespace: str) -> k8s.V1ConfigMap:
-    data = {"job.json": json.dumps(cluster_sft_config(job.config), indent=1, sort_keys=True)}
-    sft = SFTSpec.model_validate(job.config["sft"])
-    if sft.deepspeed.config is None:
-        data["deepspeed.json"] = json.dumps(sft.deepspeed_config(cuda=True, bf16_ok=True), indent=1)
+    data = {"job.json": json.dumps(cluster_job_config(job.config), indent=1, sort_keys=True)}
+    parsed = _job_model(job.config)
+    section = parsed.rl if isinstance(parsed, RLJobConfig) else parsed.sft
+    if section.deepspeed.config is None:
+        world = job.nodes * job.nproc_per_node
+        data["deepspeed.json"] = json.dumps(
+            section.deepspeed_config(cuda=True, bf16_ok=True, world_size=world), indent=1
+        )
     return k8s.V1ConfigMap(
         api_version="v1",
         kind="ConfigMap",
@@ -170,6 +181,20 @@ def pytorchjob(job: TrainingJob, spec: PipelineSpec, namespace: str) -> km.Kubef
     )
 
 
+SANDBOX_PORT = 8080
+SEARCH_PORT = 8090
+
+
+def tool_urls(name: str, namespace: str) -> ToolEndpoints:
+    """Where the pods of a namespace reach ToolEnvironment `name`: its sandbox Service routes to the
+    executor on the caller's own node (internalTrafficPolicy Local), its search Service to the proxy."""
+    svc = f"{namespace}.svc.cluster.local"
+    return ToolEndpoints(
+        sandbox_url=f"http://{name}-sandbox.{svc}:{SANDBOX_PORT}",
+        search_url=f"http://{name}-search.{svc}:{SEARCH_PORT}",
+    )
+
+
 def tool_environment(spec: PipelineSpec, name: str, namespace: str, run_id: str) -> dict[str, Any]:
     pools = {p for p in (spec.tools.sandbox.node_pool, spec.tools.search.node_pool) if p}
     if spec.tools.judge and spec.tools.judge.node_pool:
@@ -235,6 +260,21 @@ def render(spec: PipelineSpec, run_name: str | None = None) -> list[dict[str, An
         )
         objects += [to_dict(job_configmap(job, ns)), to_dict(pytorchjob(job, spec, ns))]
     export = f"s3://{settings.bucket_models}/{spec.name}/{run}-sft"
+    if spec.rl.enabled:
+        # From the SFT export (or the base model when SFT is off), rolling out against the run's
+        # ToolEnvironment: its node-local code executor and its search proxy.
+        start = export if spec.sft.enabled else model
+        job = rl_job(
+            spec,
+            settings,
+            name=f"{run}-rl",
+            dataset=spec.data.rl or f"{data_root}/rl/train.parquet",
+            model=start,
+            tools=tool_urls(f"{run}-tools", ns),
+            lineage={tracking.TAG_PIPELINE_RUN: run},
+        )
+        objects += [to_dict(job_configmap(job, ns)), to_dict(pytorchjob(job, spec, ns))]
+        export = f"s3://{settings.bucket_models}/{spec.name}/{run}-rl"
     if spec.serving.promote_to != "none":
         objects.append(model_serving(spec, "staging", export, "r1", ns))
     if spec.serving.promote_to == "production":

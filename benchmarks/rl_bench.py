@@ -1,0 +1,268 @@
+"""RL trainer benchmark: Argus' GRPO step against TRL's `GRPOTrainer` on the same tiny model, tasks,
+batch and group size, both rolling out the same multi-turn episodes against the same live tools
+(gVisor code executor, offline search proxy), in one run.
+
+    .venv/bin/python benchmarks/rl_bench.py [--steps 6] [--prompts 4] [--group 4]
+
+TRL's side is its documented custom-rollout path: `rollout_func` returns `prompt_ids`,
+`completion_ids`, `logprobs` and `env_mask` (0 on tool tokens), here filled by Argus' own rollout
+(`trainers.rl.rollout`, the same lockstep episodes with TRL's model as the policy), so the two differ
+only in how a step is trained and orchestrated. Both run one process on this machine's CPUs; step
+times are medians over steps 2..N (step 1 pays for warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from argus.backends.local.launch import TrainingRun  # noqa: E402
+from argus.backends.local.tools import LocalToolEnvironment, ToolEndpoints  # noqa: E402
+from argus.config import RLJobConfig, SandboxSpec, SFTJobConfig, StackSettings  # noqa: E402
+from argus.supervision import free_port  # noqa: E402
+
+TURN_TOKENS, RESPONSE_TOKENS, MAX_TURNS = 96, 256, 3
+
+
+def run_job(module: str, job: SFTJobConfig | RLJobConfig, root: Path, stack: StackSettings) -> list[dict[str, Any]]:
+    path = root / f"{job.job_name}.json"
+    path.write_text(job.model_dump_json())
+    run = TrainingRun(module, path, root / f"{job.job_name}.log", 1, extra_env=stack.client_env())
+    run.start()
+    events: list[dict[str, Any]] = []
+    if run.wait(lambda e: events.append(e.model_dump())) != 0:
+        raise SystemExit(run.log_path.read_text()[-3000:])
+    return events
+
+
+def trl_run(model_dir: str, rl_parquet: str, tools: ToolEndpoints, args: argparse.Namespace) -> dict[str, float]:
+    """TRL's GRPOTrainer with a rollout_func: the same episodes, TRL's training step."""
+    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from argus.data.formats import read_rl_parquet
+    from trainers.rl.rollout import InProcessEngine, rollout
+
+    tasks = read_rl_parquet(rl_parquet)
+    by_question = {t.question: t for t in tasks}
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    timing: dict[str, list[float]] = {"rollout": [], "episodes": [], "calls": []}
+
+    def rollout_func(prompts: list[str], trainer: Any) -> dict[str, Any]:
+        started = time.perf_counter()
+        engine = InProcessEngine(trainer.model, tok, temperature=1.0)
+        result = asyncio.run(
+            rollout(
+                [by_question[p] for p in prompts],
+                engine,
+                tok,
+                group_size=args.group,
+                seed=len(timing["rollout"]),
+                sandbox_url=tools.sandbox_url,
+                search_url=tools.search_url,
+                prompt="compact",
+                max_turns=MAX_TURNS,
+                turn_tokens=TURN_TOKENS,
+                response_tokens=RESPONSE_TOKENS,
+                tool_timeout_s=30.0,
+                episode_timeout_s=300.0,
+                run_id="trl-bench",
+            )
+        )
+        out: dict[str, Any] = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "env_mask": [], "reward": []}
+        for ep in result.episodes:
+            first = ep.mask.index(1) if 1 in ep.mask else len(ep.ids)
+            out["prompt_ids"].append(ep.ids[:first])
+            out["completion_ids"].append(ep.ids[first:])
+            out["logprobs"].append(ep.logprobs[first:])
+            out["env_mask"].append(ep.mask[first:])
+            reward = ep.trajectory.reward.score if ep.trajectory and ep.trajectory.reward else 0.0
+            out["reward"].append(reward)
+        timing["rollout"].append(time.perf_counter() - started)
+        timing["episodes"].append(len(result.episodes))
+        timing["calls"].append(sum(len(e.trajectory.tool_calls) for e in result.episodes if e.trajectory))
+        return out
+
+    def reward_func(prompts: list[Any], completions: list[Any], reward: list[float], **_kw: Any) -> list[float]:
+        return reward
+
+    class Clock(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, *_a: Any, **_k: Any) -> None:
+            self.ends.append(time.perf_counter())
+
+    clock = Clock()
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        per_device_train_batch_size=args.prompts * args.group,
+        num_generations=args.group,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        beta=0.0,
+        loss_type="dapo",
+        epsilon=0.2,
+        temperature=1.0,
+        max_completion_length=RESPONSE_TOKENS * 2,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=5,
+        shuffle_dataset=False,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_func,
+        args=config,
+        train_dataset=Dataset.from_list([{"prompt": t.question} for t in tasks]),
+        processing_class=tok,
+        rollout_func=rollout_func,
+        callbacks=[clock],
+    )
+    started = time.perf_counter()
+    trainer.train()
+    ends = [started, *clock.ends]
+    step_times = [b - a for a, b in itertools.pairwise(ends)]
+    return summarise(step_times, timing["rollout"], timing["episodes"], timing["calls"])
+
+
+def summarise(steps: list[float], rollouts: list[float], episodes: list[float], calls: list[float]) -> dict[str, float]:
+    tail = slice(1, None) if len(steps) > 1 else slice(None)
+    rollout_s = sum(rollouts[tail])
+    return {
+        "step_s": statistics.median(steps[tail]),
+        "rollout_s": statistics.median(rollouts[tail]),
+        "train_s": statistics.median(s - r for s, r in zip(steps[tail], rollouts[tail], strict=False)),
+        "episodes_per_s": sum(episodes[tail]) / rollout_s,
+        "calls_per_s": sum(calls[tail]) / rollout_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    parser.add_argument("--group", type=int, default=4, help="rollouts per prompt")
+    args = parser.parse_args()
+    console = Console()
+
+    with tempfile.TemporaryDirectory(prefix="argus-rl-bench-") as tmp:
+        root = Path(tmp)
+        env = {
+            **os.environ,
+            "ARGUS_HOME": str(root / "home"),
+            "ARGUS_S3_PORT": str(free_port()),
+            "ARGUS_MLFLOW_PORT": str(free_port()),
+            "ARGUS_PREFECT_PORT": str(free_port()),
+        }
+        cli = [sys.executable, "-m", "argus.cli"]
+        console.print("stack, data, tiny model and a short SFT warm start …")
+        subprocess.run([*cli, "stack", "up"], env=env, check=True, capture_output=True)
+        try:
+            stack = StackSettings.model_validate(
+                {k: env[f"ARGUS_{k.upper()}"] for k in ("home", "s3_port", "mlflow_port", "prefect_port")}
+            )
+            subprocess.run(
+                [*cli, "data", "generate", "--out", str(root / "data"), "--sft-size", "64", "--rl-size", "32",
+                 "--eval-size", "4", "--runner", "process", "--prompt", "compact"],
+                env=env, check=True, capture_output=True,
+            )  # fmt: skip
+            subprocess.run(
+                [*cli, "models", "init-tiny", "--arch", "qwen2", "--out", str(root / "base")],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+            sft = SFTJobConfig(
+                job_name="bench-sft",
+                prompt="compact",
+                dataset=str(root / "data" / "sft" / "sft.json"),
+                model=str(root / "base"),
+                checkpoint_uri=f"s3://{stack.bucket_checkpoints}/rl-bench-sft",
+                output_uri=str(root / "sft"),
+                sft={"nproc_per_node": 1, "precision": "fp32", "max_steps": 60, "micro_batch_size": 4,
+                     "optim": {"lr": 3e-3, "warmup_ratio": 0.0}, "checkpoint": {"every_steps": 1000}},
+                mlflow_experiment="rl-bench",
+            )  # fmt: skip
+            run_job("trainers.sft", sft, root, stack)
+            model = str(root / "sft")
+            rl_parquet = str(root / "data" / "rl" / "train.parquet")
+            with LocalToolEnvironment(
+                root / "tools",
+                index_path=root / "data" / "search" / "index.sqlite",
+                sandbox=SandboxSpec(runner="gvisor", warm_pool=args.prompts * args.group, max_sessions=64),
+            ) as tools:
+                console.print("Argus RL trainer (torchrun, DeepSpeed ZeRO-2, MLflow, S3 checkpoints) …")
+                job = RLJobConfig(
+                    job_name="bench-rl",
+                    prompt="compact",
+                    dataset=rl_parquet,
+                    model=model,
+                    checkpoint_uri=f"s3://{stack.bucket_checkpoints}/rl-bench",
+                    output_uri=str(root / "rl"),
+                    sandbox_url=tools.sandbox_url,
+                    search_url=tools.search_url,
+                    mlflow_experiment="rl-bench",
+                    rl={"enabled": True, "nproc_per_node": 1, "precision": "fp32", "max_steps": args.steps,
+                        "prompts_per_step": args.prompts, "rollouts_per_prompt": args.group,
+                        "micro_batch_size": args.prompts * args.group, "max_turns": MAX_TURNS,
+                        "max_turn_tokens": TURN_TOKENS, "max_response_tokens": RESPONSE_TOKENS, "seed": 5,
+                        "optim": {"lr": 1e-4, "warmup_ratio": 0.0, "scheduler": "constant"},
+                        "checkpoint": {"every_steps": 1000}, "trajectories_every": 0},
+                )  # fmt: skip
+                steps = [e for e in run_job("trainers.rl", job, root, stack) if e["event"] == "step"]
+                times = [e["time"] for e in steps]
+                # Step 1's duration from its own figure; later ones from the gaps between step events.
+                ours_steps = [steps[0]["step_time_s"]] + [b - a for a, b in itertools.pairwise(times)]
+                ours = summarise(
+                    ours_steps,
+                    [s["metrics"].get("time/rollout_s", 0.0) for s in steps],
+                    [s["metrics"]["rollout/episodes"] for s in steps],
+                    [s["metrics"]["rollout/tool_calls_per_episode"] * s["metrics"]["rollout/episodes"] for s in steps],
+                )
+                console.print("TRL GRPOTrainer with a rollout_func (same episodes) …")
+                theirs = trl_run(model, rl_parquet, tools, args)
+        finally:
+            subprocess.run([*cli, "stack", "down"], env=env, capture_output=True)
+
+    table = Table(
+        title=f"GRPO step — tiny Qwen2, 1 process, {args.prompts} prompts x {args.group} rollouts, "
+        f"≤{MAX_TURNS} turns, {args.steps} steps (medians of steps 2..N)"
+    )
+    for col in ("metric", "Argus trainers.rl", "TRL GRPOTrainer + rollout_func (same run)", "target"):
+        table.add_column(col)
+    table.add_row("step time", f"{ours['step_s']:.2f} s", f"{theirs['step_s']:.2f} s", "Argus ≤ TRL")
+    table.add_row("  rollout (generation + tools)", f"{ours['rollout_s']:.2f} s", f"{theirs['rollout_s']:.2f} s", "")
+    table.add_row("  the rest (scoring, loss, backward, step, logging)", f"{ours['train_s']:.2f} s",
+                  f"{theirs['train_s']:.2f} s", "")  # fmt: skip
+    table.add_row("episodes / s", f"{ours['episodes_per_s']:.2f}", f"{theirs['episodes_per_s']:.2f}", "")
+    table.add_row("tool calls / s", f"{ours['calls_per_s']:.2f}", f"{theirs['calls_per_s']:.2f}", "")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The RL trainer as a program: two-process torchrun + DeepSpeed against the real gVisor executor and the
+search proxy; MLflow metrics and trajectories; a kill after a checkpoint resumes to the same state."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from argus import events
+from argus.backends.local.launch import TrainingRun
+from argus.backends.local.tools import LocalToolEnvironment, ToolEndpoints
+from argus.config import RLJobConfig, SandboxSpec, StackSettings
+from trainers.checkpoint import CheckpointStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def stack(training_stack: StackSettings) -> StackSettings:
+    return training_stack
+
+
+def warm_start(model_dir: Path, sft_json: Path, steps: int = 60) -> None:
+    """A few in-process SFT steps on gold trajectories, so the policy emits actions some of the time and
+    GRPO groups carry different rewards (a random model's are all 0, and every group is dropped)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from argus.data.formats import read_sharegpt
+    from trainers.sft.data import Encoder, collate
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    encoded = [e for e in (Encoder(tok, None, 4096).encode(x, "x") for x in read_sharegpt(str(sft_json))) if e]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(0)
+    model.train()
+    for _ in range(steps):
+        loss = model(**collate(rng.sample(encoded, 4), tok.pad_token_id)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(model_dir)
+    (model_dir / "argus_export.json").write_text(json.dumps({"prompt": "compact", "mlflow_run_id": "sft-run-x"}))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from argus.data.generate import generate
+    from argus.models.tiny import init_tiny
+    from tests.conftest import local_tools
+
+    root = tmp_path_factory.mktemp("rl-assets")
+    generate(
+        str(root / "data"),
+        tools=local_tools(StackSettings(home=root / "home")),
+        seed=23,
+        sft_size=48,
+        rl_size=8,
+        eval_size=4,
+        prompt="compact",
+    )
+    init_tiny("qwen2", str(root / "model"), seed=0)
+    warm_start(root / "model", root / "data" / "sft" / "sft.json")
+    return {"data": str(root / "data"), "model": str(root / "model")}
+
+
+@pytest.fixture(scope="module")
+def tools(assets: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToolEndpoints]:
+    root = tmp_path_factory.mktemp("rl-tools")
+    with LocalToolEnvironment(
+        root,
+        index_path=Path(assets["data"]) / "search" / "index.sqlite",
+        sandbox=SandboxSpec(runner="gvisor", warm_pool=8, max_sessions=16),
+    ) as endpoints:
+        yield endpoints
+
+
+def job(name: str, assets: dict[str, str], stack: StackSettings, tools: ToolEndpoints, **rl: Any) -> RLJobConfig:
+    spec = {
+        "enabled": True,
+        "nproc_per_node": 2,
+        "precision": "fp32",
+        "max_steps": 4,
+        "prompts_per_step": 2,
+        "rollouts_per_prompt": 4,
+        "micro_batch_size": 2,
+        "max_turns": 3,
+        "max_turn_tokens": 96,
+        "max_response_tokens": 256,
+        "seed": 5,
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant"},
+        "checkpoint": {"every_steps": 2, "keep_last": 2},
+        "trajectories_every": 2,
+        **rl,
+    }
+    return RLJobConfig(
+        job_name=name,
+        prompt="compact",
+        dataset=f"{assets['data']}/rl/train.parquet",
+        model=assets["model"],
+        checkpoint_uri=f"s3://{stack.bucket_checkpoints}/tests/{name}",
+        output_uri=f"s3://{stack.bucket_models}/tests/{name}",
+        rl=spec,
+        mlflow_experiment="rl-tests",
+        node_pool="cpu-test",
+        lineage={"argus.test": "yes"},
+        sandbox_url=tools.sandbox_url,
+        search_url=tools.search_url,
+    )
+
+
+def start(cfg: RLJobConfig, stack: StackSettings, tmp: Path) -> TrainingRun:
+    path = tmp / f"{cfg.job_name}.json"
+    path.write_text(cfg.model_dump_json())
+    run = TrainingRun(
+        "trainers.rl", path, tmp / f"{cfg.job_name}-{time.monotonic_ns()}.log", 2, extra_env=stack.client_env()
+    )
+    run.start()
+    return run
+
+
+def steps(seen: list[events.Event]) -> dict[int, events.Step]:
+    return {e.step: e for e in seen if isinstance(e, events.Step)}
+
+
+def weights(uri: str, stack: StackSettings, where: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    from argus.storage import download_dir
+
+    return load_file(str(download_dir(uri, where, stack) / "model.safetensors"))
+
+
+def test_grpo_trains_against_live_tools_and_resumes_exactly_after_a_kill(
+    assets: dict[str, str], stack: StackSettings, tools: ToolEndpoints, tmp_path: Path
+) -> None:
+    import mlflow
+    import psutil
+    import torch
+
+    ref_events: list[events.Event] = []
+    ref = start(job("rl-ref", assets, stack, tools), stack, tmp_path)
+    assert ref.wait(ref_events.append) == 0, ref.log_path.read_text()[-3000:]
+    ref_steps = steps(ref_events)
+    assert sorted(ref_steps) == [1, 2, 3, 4]
+    for step in ref_steps.values():
+        assert step.metrics["rollout/episodes"] == 8  # 2 prompts x 4 rollouts over both ranks
+        assert 0.0 <= step.metrics["rollout/dropped_groups"] <= 1.0
+    # The warm-started policy acts: tools were called, and some groups carried a learning signal.
+    assert any(s.metrics["rollout/tool_calls_per_episode"] > 0 for s in ref_steps.values())
+    assert any(s.metrics["rollout/dropped_groups"] < 1.0 for s in ref_steps.values())
+
+    # The same job frozen and killed as soon as a checkpoint is committed (a preemption), then restarted.
+    first: list[events.Event] = []
+    killed = start(job("rl-killed", assets, stack, tools), stack, tmp_path)
+    deadline = time.monotonic() + 600
+    while not any(e.event == "checkpoint" for e in first):
+        assert time.monotonic() < deadline and killed.popen is not None and killed.popen.poll() is None, (
+            killed.log_path.read_text()[-3000:]
+        )
+        first.extend(killed.events())
+        time.sleep(0.05)
+    assert killed.record is not None and killed.popen is not None
+    tree = [psutil.Process(killed.record.pid), *psutil.Process(killed.record.pid).children(recursive=True)]
+    for proc in tree:
+        proc.send_signal(signal.SIGSTOP)
+    latest = CheckpointStore(f"s3://{stack.bucket_checkpoints}/tests/rl-killed", stack).latest()
+    for proc in tree:
+        proc.send_signal(signal.SIGKILL)
+    killed.popen.wait()
+    psutil.wait_procs(tree, timeout=30)
+    assert latest is not None and latest.step == 2
+    run_id = next(e.mlflow_run_id for e in first if isinstance(e, events.Start))
+
+    second: list[events.Event] = []
+    again = start(job("rl-killed", assets, stack, tools), stack, tmp_path)
+    assert again.wait(second.append) == 0, again.log_path.read_text()[-3000:]
+    resumed = next(e for e in second if isinstance(e, events.Resumed))
+    assert resumed.step == 2
+    after = steps(second)
+    assert sorted(after) == [3, 4]
+    for n, step in after.items():  # the same rollouts (seeded by step) and the same updates
+        assert step.loss == pytest.approx(ref_steps[n].loss, rel=1e-5, abs=1e-7)
+        for key in ("reward/overall/mean", "rollout/response_tokens", "rollout/tool_calls_per_episode"):
+            assert step.metrics[key] == pytest.approx(ref_steps[n].metrics[key], abs=1e-9), key
+    a = weights(f"s3://{stack.bucket_models}/tests/rl-ref", stack, tmp_path / "ref")
+    b = weights(f"s3://{stack.bucket_models}/tests/rl-killed", stack, tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    # MLflow: per-step figures, trajectories as artifacts, lineage to the start model's SFT run.
+    client = mlflow.MlflowClient(tracking_uri=stack.mlflow_url)
+    run = client.get_run(run_id)
+    for key in (
+        "reward/overall/mean",
+        "reward/overall/std",
+        "reward/overall/accuracy",
+        "reward/overall/format_rate",
+        "rollout/tool_call_rate",
+        "rollout/tool_error_rate",
+        "rollout/turns",
+        "rollout/response_tokens",
+        "rollout/dropped_groups",
+        "rollout/masked_token_share",
+        "train/entropy",
+        "train/clip_fraction",
+        "train/logprob_gap",
+        "time/generate_s",
+        "time/tools_s",
+        "time/train_s",
+    ):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["train/logprob_gap"] < 1e-3  # the engine sampled with the trainer's weights
+    assert sorted({m.step for m in client.get_metric_history(run_id, "reward/overall/mean")}) == [1, 2, 3, 4]
+    artifacts = {a.path for a in client.list_artifacts(run_id, "trajectories")}
+    assert {"trajectories/step-000002.md", "trajectories/step-000004.md"} <= artifacts
+    tags = run.data.tags
+    assert tags["argus.stage"] == "rl" and tags["argus.sft.mlflow_run_id"] == "sft-run-x"
+    assert tags["argus.base_model.uri"] == assets["model"] and tags["argus.prompt"] == "compact"
+    assert run.info.status == "FINISHED"
+
+
+def test_a_start_model_trained_with_another_prompt_is_refused(
+    assets: dict[str, str], stack: StackSettings, tools: ToolEndpoints, tmp_path: Path
+) -> None:
+    cfg = job("rl-prompt", assets, stack, tools).model_copy(update={"prompt": "deepeyesv2"})
+    run = start(cfg, stack, tmp_path)
+    assert run.wait(lambda _e: None) != 0
+    log = run.log_path.read_text()
+    assert "trained with the 'compact' prompt" in log and "with the 'deepeyesv2' prompt" in log

@@ -524,6 +524,10 @@ def semantic_errors(spec: PipelineSpec) -> list[tuple[tuple[str | int, ...], str
         errors.append((("rl", "reward", "judge"), "is true but tools.judge is not configured"))
     if not spec.sft.enabled and not spec.rl.enabled:
         errors.append((("sft", "enabled"), "both sft and rl are disabled: the pipeline would train nothing"))
+    elif not spec.sft.enabled:
+        # DeepEyesV2's RL needs a cold-start model that already samples tool use: the pipeline's RL stage
+        # starts from the SFT export.
+        errors.append((("sft", "enabled"), "is false but rl is enabled: the RL stage starts from the SFT model"))
     if spec.backend == "kubernetes" and spec.data.generate is not None:
         # Generation plays gold trajectories through a local code executor and search proxy; the flows
         # image that runs the pipeline in the cluster carries neither (it drives the cluster, it computes

@@ -9,12 +9,15 @@ so a pod killed mid-save resumes from the previous complete one.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from argus import events
+from argus import events, tracking
 from argus.config import RLSpec, SFTSpec, StackSettings
 from argus.models.export import EXPORT_RECORD
 from argus.storage import download_dir, is_s3, upload_dir
@@ -118,6 +121,49 @@ class DeepSpeedTrainer:
         cache = Path(os.environ.get("ARGUS_MODEL_CACHE", Path.home() / ".cache" / "argus" / "models"))
         cache.mkdir(parents=True, exist_ok=True)
         return cache
+
+    def open_run(
+        self, stage: str, run_id: str | None, params: dict[str, object], tags: dict[str, str], examples: int
+    ) -> tuple[tracking.RunTracker | None, str | None]:
+        """Rank 0's MLflow run (the checkpoint's after a resume) with the job's lineage tags, and its id
+        on every rank; rank 0 announces the start."""
+        job = self.job
+        tracker = None
+        if self.is_main:
+            all_tags = {
+                tracking.TAG_JOB_NAME: job.job_name,
+                tracking.TAG_STAGE: stage,
+                tracking.TAG_DATASET_URI: job.dataset,
+                tracking.TAG_DATASET_SHA256: self.dataset_sha256,
+                tracking.TAG_BASE_MODEL_URI: job.model,
+                tracking.TAG_CODE_VERSION: tracking.code_version(),
+                tracking.TAG_NODE_POOL: job.node_pool or "local",
+                tracking.TAG_PROMPT: job.prompt,
+                **tags,
+                **job.lineage,
+            }
+            tracker = tracking.RunTracker(job.mlflow_experiment, job.job_name, tags=all_tags, resume_run_id=run_id)
+            run_id = tracker.run_id
+            if not tracker.resumed:
+                spec = self.spec
+                tracker.log_params(
+                    {
+                        "world_size": self.world,
+                        "zero_stage": spec.deepspeed.zero_stage,
+                        "lr": spec.optim.lr,
+                        "scheduler": spec.optim.scheduler,
+                        "precision": spec.precision,
+                        "seed": spec.seed,
+                        "total_steps": self.total_steps,
+                        **params,
+                    }
+                )
+            step = self.start_step
+            events.emit(events.Start(step=step, total=self.total_steps, mlflow_run_id=run_id, examples=examples))
+        return tracker, self.broadcast(run_id)
+
+    total_steps: int = 0
+    start_step: int = 0
 
     def initialize(self, model: Any, total_steps: int) -> None:
         """DeepSpeed engine, AdamW (DeepSpeed's CPU Adam under ZeRO-Offload) and the LR schedule."""
@@ -240,3 +286,36 @@ class DeepSpeedTrainer:
             upload_dir(out, self.job.output_uri, self.settings)
             events.emit(events.Exported(uri=self.job.output_uri, step=step))
         self.dist.barrier()
+
+
+def run_program(
+    doc: str | None,
+    config_model: type[J],
+    trainer: Any,
+    argv: list[str] | None,
+    errors: tuple[type[Exception], ...],
+    quiet: tuple[str, ...] = (),
+) -> None:
+    """A trainer's `main`: `--config FILE` (or $ARGUS_JOB_CONFIG), logging, DeepSpeed's op cache, then
+    load and train; an error in `errors` (bad data, a refused start) exits 2 with its message."""
+    from argus.supervision import die_with_parent
+    from trainers.deepspeed import torch_extensions_dir
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="job config (JSON or YAML); default: $ARGUS_JOB_CONFIG")
+    args = parser.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
+    # torchrun starts each rank in its own session: a rank must never outlive its launcher.
+    die_with_parent()
+    job = load_job(config_model, args.config)
+    try:
+        program = trainer(job)
+        program.load()
+        program.train()
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

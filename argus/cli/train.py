@@ -167,4 +167,5 @@ def _run_job(backend: LocalBackend, job: TrainingJob, label: str) -> None:
     console.print(
         _json.dumps({"job": name, "export": job.config["output_uri"], "checkpoints": job.config["checkpoint_uri"]}),
         highlight=False,
+        soft_wrap=True,  # one line, however narrow the terminal: scripts parse it
     )

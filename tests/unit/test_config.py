@@ -65,7 +65,7 @@ BAD_SPECS = [
     (quickstart, "sft.deepspeed.offload_params", True, "sft.deepspeed", "zero_stage 3"),
     (quickstart, "sft.resources", {"memory": "lots"}, "sft.resources.memory", "pattern"),
     (quickstart, "serving.promote_to", "prod", "serving.promote_to", "'production'"),
-    (quickstart, "sft.enabled", False, "sft.enabled", "train nothing"),
+    (quickstart, "sft.enabled", False, "sft.enabled", "RL stage starts from the SFT model"),
     (cluster, "data.sft", "s3://Bad_Bucket/x", "data.sft", "pattern"),
     (cluster, "sft.node_pool", "a100", "sft.node_pool", "unknown node pool 'a100'"),
     (cluster, "data.eval", "data/val.parquet", "data.eval", "local path, which pods cannot read"),
@@ -104,8 +104,14 @@ def test_bad_spec_names_file_and_field(base, path, value, expected_path, expecte
     assert matching[0].line is not None and matching[0].line >= 1
 
 
+def test_a_spec_that_trains_nothing_is_refused():
+    doc = set_path(set_path(quickstart(), "sft.enabled", False), "rl.enabled", False)
+    with pytest.raises(SpecError, match="sft.enabled: both sft and rl are disabled"):
+        parse_spec(yaml.safe_dump(doc, sort_keys=False), "bad.yaml")
+
+
 def test_error_points_at_the_line_of_the_typo():
-    text = (EXAMPLES / "quickstart.yaml").read_text().replace("    zero_stage: 2", "    zero_stag: 2")
+    text = (EXAMPLES / "quickstart.yaml").read_text().replace("    zero_stage: 2", "    zero_stag: 2", 1)
     line = next(n for n, t in enumerate(text.splitlines(), 1) if "zero_stag:" in t)
     with pytest.raises(SpecError) as info:
         parse_spec(text, "examples/quickstart.yaml")

@@ -21,14 +21,11 @@ step is the data position. Rank 0 logs per-step figures to MLflow and prints `AR
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import logging
 import math
-import os
 import random
-import sys
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -41,9 +38,7 @@ from argus.config import RLJobConfig
 from argus.data.formats import DataFormatError, read_rl_parquet
 from argus.models.export import export_record, prompt_mismatch
 from argus.storage import read_uri
-from argus.supervision import die_with_parent
-from trainers.base import DeepSpeedTrainer, load_job, materialise_model
-from trainers.deepspeed import torch_extensions_dir
+from trainers.base import DeepSpeedTrainer, materialise_model, run_program
 from trainers.rl.grpo import group_advantages, policy_loss, token_logprobs
 from trainers.rl.rollout import Episode, InProcessEngine, RolloutResult, rollout
 
@@ -223,49 +218,26 @@ class RLTrainer(DeepSpeedTrainer):
     def train(self) -> None:
         job = self.job
         step, _position, run_id = self.resume()
-        tracker = None
-        if self.is_main:
-            tags = {
-                tracking.TAG_JOB_NAME: job.job_name,
-                tracking.TAG_STAGE: "rl",
-                tracking.TAG_DATASET_URI: job.dataset,
-                tracking.TAG_DATASET_SHA256: self.dataset_sha256,
-                tracking.TAG_BASE_MODEL_URI: job.model,
-                tracking.TAG_CODE_VERSION: tracking.code_version(),
-                tracking.TAG_NODE_POOL: job.node_pool or "local",
-                tracking.TAG_PROMPT: job.prompt,
-                **(
-                    {tracking.TAG_SFT_RUN_ID: str(self.start_record["mlflow_run_id"])}
-                    if self.start_record.get("mlflow_run_id")
-                    else {}
-                ),
-                **job.lineage,
-            }
-            tracker = tracking.RunTracker(job.mlflow_experiment, job.job_name, tags=tags, resume_run_id=run_id)
-            run_id = tracker.run_id
-            if not tracker.resumed:
-                rl = job.rl
-                tracker.log_params(
-                    {
-                        "world_size": self.world,
-                        "zero_stage": rl.deepspeed.zero_stage,
-                        "lr": rl.optim.lr,
-                        "scheduler": rl.optim.scheduler,
-                        "prompts_per_step": rl.prompts_per_step,
-                        "rollouts_per_prompt": rl.rollouts_per_prompt,
-                        "micro_batch_size": rl.micro_batch_size,
-                        "max_turns": rl.max_turns,
-                        "temperature": rl.temperature,
-                        "clip_ratio": rl.clip_ratio,
-                        "kl_coef": rl.kl_coef,
-                        "engine": rl.engine,
-                        "total_steps": self.total_steps,
-                        "tasks": len(self.tasks),
-                        "seed": rl.seed,
-                    }
-                )
-            events.emit(events.Start(step=step, total=self.total_steps, mlflow_run_id=run_id, examples=len(self.tasks)))
-        run_id = self.broadcast(run_id)
+        self.start_step = step
+        rl = job.rl
+        sft_run = self.start_record.get("mlflow_run_id")
+        tracker, run_id = self.open_run(
+            "rl",
+            run_id,
+            {
+                "prompts_per_step": rl.prompts_per_step,
+                "rollouts_per_prompt": rl.rollouts_per_prompt,
+                "micro_batch_size": rl.micro_batch_size,
+                "max_turns": rl.max_turns,
+                "temperature": rl.temperature,
+                "clip_ratio": rl.clip_ratio,
+                "kl_coef": rl.kl_coef,
+                "engine": rl.engine,
+                "tasks": len(self.tasks),
+            },
+            {tracking.TAG_SFT_RUN_ID: str(sft_run)} if sft_run else {},
+            len(self.tasks),
+        )
         every = job.rl.checkpoint.every_steps
         try:
             while step < self.total_steps:
@@ -401,18 +373,5 @@ def trajectories_text(episodes: list[Episode], limit: int = 8) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="job config (JSON or YAML); default: $ARGUS_JOB_CONFIG")
-    args = parser.parse_args(argv)
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
-    die_with_parent()
-    job = load_job(RLJobConfig, args.config)
-    try:
-        trainer = RLTrainer(job)
-        trainer.load()
-        trainer.train()
-    except (DataFormatError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    # httpx logs every request: thousands of tool calls a step (their failures are metrics instead).
+    run_program(__doc__, RLJobConfig, RLTrainer, argv, (DataFormatError, ValueError), quiet=("httpx",))

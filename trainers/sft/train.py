@@ -10,12 +10,9 @@ starting over. Rank 0 logs to MLflow and prints one `ARGUS {json}` progress line
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import math
-import os
-import sys
 import time
 
 import torch
@@ -25,9 +22,7 @@ from argus.agent.task import Task
 from argus.config import SFTJobConfig
 from argus.data.formats import DataFormatError, read_rl_parquet, read_sharegpt
 from argus.storage import is_s3, read_uri
-from argus.supervision import die_with_parent
-from trainers.base import DeepSpeedTrainer, load_job, materialise_model
-from trainers.deepspeed import torch_extensions_dir
+from trainers.base import DeepSpeedTrainer, materialise_model, run_program
 from trainers.rollout import LocalPolicy, evaluate_in_process
 from trainers.sft.data import Encoded, Encoder, Schedule, check_prompt, collate
 
@@ -126,43 +121,21 @@ class Trainer(DeepSpeedTrainer):
     def train(self) -> None:
         job = self.job
         step, position, run_id = self.resume()
-        tracker = None
-        if self.is_main:
-            tags = {
-                tracking.TAG_JOB_NAME: job.job_name,
-                tracking.TAG_STAGE: "sft",
-                tracking.TAG_DATASET_URI: job.dataset,
-                tracking.TAG_DATASET_SHA256: self.dataset_sha256,
-                tracking.TAG_BASE_MODEL_URI: job.model,
-                tracking.TAG_CODE_VERSION: tracking.code_version(),
-                tracking.TAG_NODE_POOL: job.node_pool or "local",
-                tracking.TAG_PROMPT: job.prompt,
-                **job.lineage,
-            }
-            tracker = tracking.RunTracker(job.mlflow_experiment, job.job_name, tags=tags, resume_run_id=run_id)
-            run_id = tracker.run_id
-            if not tracker.resumed:
-                tracker.log_params(
-                    {
-                        "world_size": self.world,
-                        "zero_stage": job.sft.deepspeed.zero_stage,
-                        "lr": job.sft.optim.lr,
-                        "scheduler": job.sft.optim.scheduler,
-                        "micro_batch_size": job.sft.micro_batch_size,
-                        "grad_accum": job.sft.grad_accum,
-                        "max_seq_len": job.sft.max_seq_len,
-                        "precision": job.sft.precision,
-                        "total_steps": self.total_steps,
-                        "examples": len(self.examples),
-                        "dropped_too_long": self.dropped,
-                        "seed": job.sft.seed,
-                        "model_type": "qwen2_5_vl" if self.is_vl else "qwen2",
-                    }
-                )
-            events.emit(
-                events.Start(step=step, total=self.total_steps, mlflow_run_id=run_id, examples=len(self.examples))
-            )
-        run_id = self.broadcast(run_id)
+        self.start_step = step
+        tracker, run_id = self.open_run(
+            "sft",
+            run_id,
+            {
+                "micro_batch_size": job.sft.micro_batch_size,
+                "grad_accum": job.sft.grad_accum,
+                "max_seq_len": job.sft.max_seq_len,
+                "examples": len(self.examples),
+                "dropped_too_long": self.dropped,
+                "model_type": "qwen2_5_vl" if self.is_vl else "qwen2",
+            },
+            {},
+            len(self.examples),
+        )
         pad = self.tokenizer.pad_token_id
         accum = job.sft.grad_accum
         every = job.sft.checkpoint.every_steps
@@ -216,19 +189,4 @@ class Trainer(DeepSpeedTrainer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="job config (JSON or YAML); default: $ARGUS_JOB_CONFIG")
-    args = parser.parse_args(argv)
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
-    # torchrun starts each rank in its own session: a rank must never outlive its launcher.
-    die_with_parent()
-    job = load_job(SFTJobConfig, args.config)
-    try:
-        trainer = Trainer(job)
-        trainer.load()
-        trainer.train()
-    except DataFormatError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    run_program(__doc__, SFTJobConfig, Trainer, argv, (DataFormatError,))

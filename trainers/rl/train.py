@@ -267,9 +267,7 @@ class RLTrainer(DeepSpeedTrainer):
                             lr=merged["train/lr"],
                             tokens=int(merged["train/trained_tokens"]),
                             step_time_s=round(merged["train/step_time_s"], 3),
-                            metrics={
-                                k: round(v, 4) for k, v in merged.items() if k.startswith(("rollout/", "reward/"))
-                            },
+                            metrics={k: round(v, 4) for k, v in merged.items() if k.startswith(SHOWN)},
                         )
                     )
                 if step % every == 0 or step == self.total_steps:
@@ -326,7 +324,7 @@ class RLTrainer(DeepSpeedTrainer):
         return {"stage": "rl", "start_model": self.job.model, "start_record": self.start_record}
 
 
-SHOWN = ("rollout/", "reward/")  # the figures a progress line carries beside loss and lr
+SHOWN = ("rollout/", "reward/", "time/")  # the figures a progress line carries beside loss and lr
 
 
 def reward_of(ep: Episode) -> float:

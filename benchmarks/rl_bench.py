@@ -71,10 +71,11 @@ def trl_run(model_dir: str, rl_parquet: str, tools: ToolEndpoints, args: argpars
         engine = InProcessEngine(trainer.model, tok, temperature=1.0)
         result = asyncio.run(
             rollout(
+                # TRL's sampler has already repeated each prompt num_generations times, consecutively.
                 [by_question[p] for p in prompts],
                 engine,
                 tok,
-                group_size=args.group,
+                group_size=1,
                 seed=len(timing["rollout"]),
                 sandbox_url=tools.sandbox_url,
                 search_url=tools.search_url,

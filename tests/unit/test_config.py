@@ -106,7 +106,7 @@ def test_bad_spec_names_file_and_field(base, path, value, expected_path, expecte
 
 def test_a_spec_that_trains_nothing_is_refused():
     doc = set_path(set_path(quickstart(), "sft.enabled", False), "rl.enabled", False)
-    with pytest.raises(SpecError, match="sft.enabled: both sft and rl are disabled"):
+    with pytest.raises(SpecError, match=r"sft\.enabled: both sft and rl are disabled"):
         parse_spec(yaml.safe_dump(doc, sort_keys=False), "bad.yaml")
 
 

@@ -120,6 +120,9 @@ class Lockstep:
         self.generate_s = 0.0
         self.batches: list[int] = []
         self.error: BaseException | None = None
+        # The event loop holds tasks only weakly: without this reference a running batch could be
+        # garbage-collected and every episode waiting on it would wait for ever.
+        self.task: asyncio.Task[None] | None = None
 
     async def request(self, index: int, ids: list[int], budget: int) -> Sample:
         future: asyncio.Future[Sample] = asyncio.get_running_loop().create_future()
@@ -137,7 +140,7 @@ class Lockstep:
     def _maybe_run(self) -> None:
         if not self.running and self.pending and len(self.pending) >= self.live:
             self.running = True
-            asyncio.get_running_loop().create_task(self._run())
+            self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         order = sorted(self.pending)

@@ -686,6 +686,11 @@ class SandboxSettings(BaseSettings):
     )
     warm_parallel: int = Field(4, ge=1, description="sandboxes booted at once while the warm pool refills")
     idle_ttl_s: float = Field(600.0, gt=0)
+    after_cell: Literal["leave", "kill"] = Field(
+        "leave",
+        description="processes a cell leaves running: leave them (a Jupyter kernel and the reference sandbox do) "
+        "or kill them when the cell returns; the native API may ask per call",
+    )
     admission_timeout_s: float = Field(
         20.0, ge=0, description="at capacity, how long a call waits for a free session before 429/504"
     )
@@ -779,6 +784,14 @@ class SearchSettings(BaseSettings):
     max_query_chars: int = Field(2048, ge=1)
     max_top_k: int = Field(50, ge=1)
     max_image_bytes: int = Field(10 << 20, ge=1024)
+    max_image_pixels: int = Field(
+        25_000_000, ge=1, description="width x height an image may have; checked before it is decoded"
+    )
+    max_body_bytes: int = Field(16 << 20, ge=1024, description="request body limit, chunked bodies included")
+    max_retrieve_queries: int = Field(256, ge=1, description="queries one /retrieve request may carry")
+    client_concurrency: int = Field(
+        4, ge=1, description="searches one client (X-Argus-Run-Id, else its address) has in flight at once"
+    )
 
     @field_validator("cache_path", "index_path")
     @classmethod

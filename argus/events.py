@@ -18,6 +18,20 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 PREFIX = "ARGUS "
 
 
+def fmt_duration(seconds: float | None) -> str:
+    """The one way Argus writes a duration (live views, tables, Prefect summaries): `3.2s` under ten
+    seconds, `42s` under two minutes, `6m40s`, `1h02m03s`; empty when unknown."""
+    if seconds is None:
+        return ""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 

@@ -17,7 +17,9 @@ def _client(settings: StackSettings) -> Any:
 
 
 def version_url(settings: StackSettings, name: str, version: str) -> str:
-    return f"{settings.mlflow_url}/#/models/{name}/versions/{version}"
+    from argus.tracking import UI_TRAINING_VIEW
+
+    return f"{settings.mlflow_url}/#/models/{name}/versions/{version}{UI_TRAINING_VIEW}"
 
 
 def find_version(settings: StackSettings, name: str, key: str) -> Any | None:
@@ -57,6 +59,8 @@ def register_version(
     existing = find_version(settings, name, key)
     if existing is not None:
         mv = existing
+        if description and existing.description != description:
+            client.update_model_version(name, mv.version, description=description)
     else:
         mv = client.create_model_version(
             name, source, run_id=run_id, tags={TAG_REGISTER_KEY: key}, description=description

@@ -28,7 +28,7 @@ def validate_spec(spec_path: str) -> PipelineSpec:
 def record_spec(spec: PipelineSpec, spec_path: str, settings: StackSettings) -> dict[str, str]:
     flow_run_id = str(flow_run.get_id())
     mlflow.set_tracking_uri(settings.mlflow_url)
-    experiment = mlflow.set_experiment(spec.name)
+    experiment_id = tracking.ensure_experiment(spec.name, tracking.experiment_description(spec.name))
     tags = {
         tracking.TAG_SPEC_NAME: spec.name,
         tracking.TAG_SPEC_FILE: spec_path,
@@ -39,9 +39,9 @@ def record_spec(spec: PipelineSpec, spec_path: str, settings: StackSettings) -> 
         mlflow.log_dict(spec.model_dump(mode="json"), "spec/resolved.json")
         mlflow.log_artifact(spec_path, "spec")
     return {
-        "experiment_id": experiment.experiment_id,
+        "experiment_id": experiment_id,
         "run_id": run.info.run_id,
-        "url": tracking.mlflow_run_url(settings, experiment.experiment_id, run.info.run_id),
+        "url": tracking.mlflow_run_url(settings, experiment_id, run.info.run_id),
     }
 
 

@@ -52,6 +52,7 @@ class RunContext:
     flow_run_id: str
     mlflow_run_id: str
     mlflow_run_url: str
+    experiment_id: str
     lineage: dict[str, str] = field(default_factory=dict)  # tags on every MLflow object the run makes
     stages: list[StageTiming] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # servers started for the promotion that follows
@@ -59,12 +60,24 @@ class RunContext:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[StageClock]:
+        """Time a stage; when it finishes, its durations go on the pipeline's MLflow run at once
+        (`stage/<name>/wall_s`, `.../work_s`, `.../cached`), so a run in progress shows its stages."""
         started = time.monotonic()
         clock = StageClock()
         yield clock
-        self.stages.append(
-            StageTiming(stage=name, wall_s=time.monotonic() - started, work_s=clock.work_s, cached=clock.cached)
-        )
+        timing = StageTiming(stage=name, wall_s=time.monotonic() - started, work_s=clock.work_s, cached=clock.cached)
+        self.stages.append(timing)
+        import mlflow
+
+        now = int(time.time() * 1000)
+        figures = {"wall_s": timing.wall_s, "work_s": timing.work_s, "cached": float(timing.cached)}
+        try:
+            mlflow_client(self.settings).log_batch(
+                self.mlflow_run_id,
+                metrics=[mlflow.entities.Metric(f"stage/{name}/{k}", v, now, 0) for k, v in figures.items()],
+            )
+        except Exception as exc:  # noqa: BLE001 - a missed timing is no reason to fail a finished stage
+            get_run_logger().warning("recording stage %s on MLflow: %s", name, exc)
 
     @property
     def wall_s(self) -> float:
@@ -104,12 +117,11 @@ def find_pipeline_run(client: Any, experiment_id: str, run_name: str) -> Any | N
     return tracking.find_pipeline_run(client, experiment_id, run_name)
 
 
-def _pipeline_mlflow_run(settings: StackSettings, spec: PipelineSpec, run: str, spec_uri: str) -> tuple[str, str]:
+def _pipeline_mlflow_run(settings: StackSettings, spec: PipelineSpec, run: str, spec_uri: str) -> tuple[str, str, str]:
     """The pipeline's MLflow run (found again by run name on a re-run); the stages' runs nest under it."""
-    import mlflow
 
     client = mlflow_client(settings)
-    experiment_id = mlflow.set_experiment(spec.name).experiment_id
+    experiment_id = tracking.ensure_experiment(spec.name, tracking.experiment_description(spec.name))
     found = find_pipeline_run(client, experiment_id, run)
     if found is not None:
         run_id = found.info.run_id
@@ -125,7 +137,7 @@ def _pipeline_mlflow_run(settings: StackSettings, spec: PipelineSpec, run: str, 
         client.log_dict(run_id, spec.model_dump(mode="json"), "spec/resolved.json")
     for key, value in {**flow_run_links(settings), tracking.TAG_CODE_VERSION: tracking.code_version()}.items():
         client.set_tag(run_id, key, value)
-    return run_id, tracking.mlflow_run_url(settings, experiment_id, run_id)
+    return run_id, tracking.mlflow_run_url(settings, experiment_id, run_id), experiment_id
 
 
 def open_run(spec_uri: str, run_name: str | None) -> RunContext:
@@ -135,7 +147,7 @@ def open_run(spec_uri: str, run_name: str | None) -> RunContext:
     if not re.match(DNS_LABEL, run):
         raise PipelineError(f"run name {run!r} must be a DNS label (lowercase letters, digits, '-')")
     backend = make_backend(spec.backend, settings, spec)
-    mlflow_run_id, mlflow_url = _pipeline_mlflow_run(settings, spec, run, spec_uri)
+    mlflow_run_id, mlflow_url, experiment_id = _pipeline_mlflow_run(settings, spec, run, spec_uri)
     create_link_artifact(mlflow_url, link_text=f"MLflow run of pipeline {run}", key=artifact_key(run, "mlflow"))
     flow_run_id = str(flow_run.get_id())
     get_run_logger().info("pipeline %s of %s: MLflow run %s", run, spec.name, mlflow_url)
@@ -148,6 +160,7 @@ def open_run(spec_uri: str, run_name: str | None) -> RunContext:
         flow_run_id=flow_run_id,
         mlflow_run_id=mlflow_run_id,
         mlflow_run_url=mlflow_url,
+        experiment_id=experiment_id,
         lineage={
             tracking.TAG_PIPELINE_RUN: run,
             tracking.TAG_PREFECT_FLOW_RUN_ID: flow_run_id,

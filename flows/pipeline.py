@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from argus import tracking
+from flows import summary
 from flows.context import PipelineError, open_run
 from flows.results import PipelineResult
 from flows.stages import data, evaluate, register, rl, serve, sft, tools
@@ -31,12 +32,14 @@ def pipeline(spec_uri: str, run_name: str | None = None) -> PipelineResult:
     status, metrics = "FAILED", {}
     try:
         suite = data.run(ctx)
+        summary.record_datasets(ctx, suite)
         with tools.running(ctx, suite) as endpoints:
             base = sft.base_model(ctx)
             trained = sft.run(ctx, suite, base, endpoints)
             refined = rl.run(ctx, suite, trained, endpoints) if ctx.spec.rl.enabled else None
             models = {"base": base[0], "sft": trained.model_uri, **({"rl": refined.model_uri} if refined else {})}
             reports = evaluate.run(ctx, suite, endpoints, models)
+        summary.record_comparison(ctx, reports)
         registered = register.run(ctx, suite, trained, reports, refined)
         registered, serving = serve.run(ctx, registered)
         result = PipelineResult(
@@ -57,6 +60,7 @@ def pipeline(spec_uri: str, run_name: str | None = None) -> PipelineResult:
             wall_s=ctx.wall_s,
         )
         status, metrics = "FINISHED", result.final_metrics()
+        summary.record_summary(ctx, result)
         get_run_logger().info(
             "done in %.0fs: %s v%s; orchestration overhead %.1fs (%.1f%%)",
             result.wall_s,

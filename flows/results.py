@@ -60,6 +60,9 @@ class EvalReport(BaseModel):
     serve_s: float
     eval_s: float
     cached: bool = Field(False, description="these numbers were recorded by an earlier run")
+    tasks: list[dict[str, Any]] = Field(
+        default_factory=list, description="per task: gold, answer, reward, finish, tools, trace id"
+    )
 
     def value(self, metric: str, family: str = "overall") -> float:
         return float(self.metrics[family][metric])
@@ -119,7 +122,7 @@ class PipelineResult(BaseModel):
     def final_metrics(self) -> dict[str, float]:
         """What the pipeline's MLflow run records when it finishes."""
         final = {
-            f"{label}.{family}.{metric}": report.value(metric, family)
+            f"{label}/{family}/{metric}": report.value(metric, family)
             for label, report in self.evaluations.items()
             for family in report.metrics
             for metric in ("accuracy", "format_rate")

@@ -192,3 +192,39 @@ def training_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackSe
         yield settings
     finally:
         cli("stack", "down")
+
+
+def raw_request(url: str, head: str, chunks: Iterator[bytes] | list[bytes] = (), timeout: float = 30) -> bytes:
+    """Send a request as bytes on a fresh socket (a chunked body, a client that goes away) and return
+    whatever the server answered; a server that stops reading mid-body still gets its answer read."""
+    import socket
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    sock = socket.create_connection((where.hostname, where.port), timeout=timeout)
+    try:
+        sock.sendall(head.encode())
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before taking the whole body
+        answer = b""
+        try:
+            while data := sock.recv(65536):
+                answer += data
+        except (ConnectionResetError, TimeoutError):
+            pass
+        return answer
+    finally:
+        sock.close()
+
+
+def chunked(total: int, size: int = 65536) -> Iterator[bytes]:
+    """`total` bytes of body in HTTP/1.1 chunked framing, then the last chunk."""
+    sent = 0
+    while sent < total:
+        n = min(size, total - sent)
+        yield f"{n:x}\r\n".encode() + b"x" * n + b"\r\n"
+        sent += n
+    yield b"0\r\n\r\n"

@@ -158,6 +158,9 @@ class DeepSpeedTrainer:
                         **params,
                     }
                 )
+                tracking.log_datasets(
+                    tracker.client, run_id, {f"{stage}-data": (job.dataset, self.dataset_sha256, "training")}
+                )
             step = self.start_step
             events.emit(events.Start(step=step, total=self.total_steps, mlflow_run_id=run_id, examples=examples))
         return tracker, self.broadcast(run_id)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from argus.config import StackSettings
+from argus.faults import fault
 from argus.storage import S3Uri, is_s3, join_uri, read_uri, s3_client, write_uri
 
 log = logging.getLogger("argus.checkpoint")
@@ -126,10 +127,12 @@ class CheckpointStore:
     def upload(self, local: Path, dest: str) -> dict[str, dict[str, Any]]:
         """Upload one rank's files; returns their hashes for the manifest."""
         entries = {}
+        step_name = dest.rstrip("/").rsplit("/", 1)[-1].split(".partial-")[0]
         for path in sorted(p for p in local.rglob("*") if p.is_file()):
             rel = path.relative_to(local).as_posix()
             write_uri(join_uri(dest, rel), path.read_bytes(), self.settings)
             entries[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            fault(f"checkpoint-upload:{step_name}")
         return entries
 
     def commit(
@@ -140,6 +143,7 @@ class CheckpointStore:
         final = join_uri(self.prefix, f"step-{step:08d}")
         self._delete(final)  # a leftover of a crash at this very step
         self._move(partial, final)
+        fault(f"checkpoint-commit:step-{step:08d}")
         manifest = {"step": step, "files": files, **meta}
         write_uri(join_uri(final, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode(), self.settings)
         for name in self._children():

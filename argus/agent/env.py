@@ -37,10 +37,27 @@ class ToolError(Exception):
 
 @dataclass
 class ToolCall:
+    """One tool call as it happened: what was asked, what came back, when (wall clock, for the trace)."""
+
     tool: Literal["python", "search", "image_search", "invalid"]
     latency_s: float
     ok: bool
-    detail: str = ""
+    detail: str = ""  # why it failed
+    request: str = ""  # the code, the query, or the malformed call
+    stdout: str = ""  # the code's output, or the search results as the model saw them
+    stderr: str = ""
+    images: tuple[int, ...] = ()  # indices into `Trajectory.images` of the images it returned
+    start_ns: int = 0
+    end_ns: int = 0
+
+
+@dataclass
+class Turn:
+    """When the policy produced the assistant message at `message_index` (wall clock, nanoseconds)."""
+
+    message_index: int
+    start_ns: int
+    end_ns: int
 
 
 @dataclass
@@ -53,6 +70,9 @@ class Trajectory:
     finish: Literal["answer", "max_turns", "invalid_action", "policy_error"] = "answer"
     reward: Reward | None = None
     policy_latency_s: float = 0.0
+    timeline: list[Turn] = field(default_factory=list)
+    start_ns: int = 0
+    end_ns: int = 0
 
     @property
     def response(self) -> str:
@@ -146,12 +166,13 @@ class AgentEnv:
             family=task.family,
             messages=list(prompts.opening(self.prompt, task.question)),
             images=[task.image],
+            start_ns=time.time_ns(),
         )
         try:
             await self._preload_image(session, task)
             traj.finish = "max_turns"
             for _ in range(self.max_turns):
-                started = time.perf_counter()
+                started, start_ns = time.perf_counter(), time.time_ns()
                 try:
                     turn = await policy(traj.messages, traj.images)
                 except Exception:  # noqa: BLE001 - a broken policy ends its episode, not the run
@@ -159,6 +180,7 @@ class AgentEnv:
                     break
                 finally:
                     traj.policy_latency_s += time.perf_counter() - started
+                traj.timeline.append(Turn(len(traj.messages), start_ns, time.time_ns()))
                 traj.messages.append({"role": "assistant", "content": turn})
                 action = parse(turn)
                 if action.kind == "answer":
@@ -172,6 +194,7 @@ class AgentEnv:
                 traj.images.extend(images)
         finally:
             await self.tools.close_session(session)
+            traj.end_ns = time.time_ns()
         traj.reward = await score(
             traj.response,
             task,
@@ -190,37 +213,66 @@ class AgentEnv:
             await self.tools.run_code(session, code, self.code_timeout_s)
 
     async def _observe(self, session: str, task: Task, action: Action, traj: Trajectory) -> tuple[str, list[bytes]]:
-        started = time.perf_counter()
+        started, start_ns = time.perf_counter(), time.time_ns()
+
+        def record(tool: Any, ok: bool, request: str, **out: Any) -> None:
+            latency = time.perf_counter() - started
+            call = ToolCall(tool, latency, ok, request=request, start_ns=start_ns, end_ns=time.time_ns(), **out)
+            traj.tool_calls.append(call)
+
+        def indices(images: list[bytes]) -> tuple[int, ...]:
+            return tuple(range(len(traj.images), len(traj.images) + len(images)))  # appended by the caller
+
         if action.error is not None:  # a malformed tool call: DeepEyesV2's error text is the observation
-            traj.tool_calls.append(ToolCall("invalid", 0.0, False, action.error))
+            record("invalid", False, "", detail=action.error)
             return action.error, []
         if action.kind == "code":
             assert action.code is not None
             try:
                 out = await self.tools.run_code(session, action.code, self.code_timeout_s)
             except ToolError as exc:
-                traj.tool_calls.append(ToolCall("python", time.perf_counter() - started, False, str(exc)))
+                record("python", False, action.code, detail=str(exc))
                 return prompts.code_observation("", f"SandboxError: {exc}", 0), []
             images = [base64.b64decode(i) for i in out.get("images", [])][:MAX_OBSERVATION_IMAGES]
-            ok = not out.get("stderr")
-            traj.tool_calls.append(ToolCall("python", time.perf_counter() - started, ok))
-            return prompts.code_observation(out.get("stdout", ""), out.get("stderr", ""), len(images)), images
-        tool = action.tool
+            stdout, stderr = out.get("stdout", ""), out.get("stderr", "")
+            record("python", not stderr, action.code, stdout=stdout, stderr=stderr, images=indices(images))
+            return prompts.code_observation(stdout, stderr, len(images)), images
+        tool = action.tool or "search"
+        request = action.arguments.get("query", "") if action.arguments else ""
         try:
             if tool == "search":
                 assert action.arguments is not None
                 text, images = await self.tools.search(action.arguments["query"]), []
             else:
+                request = task.image_search_key or "<task image>"
                 text, images = await self.tools.image_search(task.image, task.image_search_key)
                 images = images[:MAX_OBSERVATION_IMAGES]
                 # One <image> placeholder per image actually attached (a result may come without one).
                 while text.count("<image>") > len(images):
                     text = "".join(text.rsplit("<image>", 1))
         except ToolError as exc:
-            traj.tool_calls.append(ToolCall(tool or "search", time.perf_counter() - started, False, str(exc)))  # type: ignore[arg-type]
+            record(tool, False, request, detail=str(exc))
             return "Search error", []
-        traj.tool_calls.append(ToolCall(tool or "search", time.perf_counter() - started, True))  # type: ignore[arg-type]
+        record(tool, True, request, stdout=text, images=indices(images))
         return prompts.search_observation(text), images
+
+
+def with_images(messages: list[Message], images: list[bytes]) -> list[Message]:
+    """The conversation in OpenAI's multimodal chat format: each `<image>` placeholder, in order, becomes
+    an `image_url` part with the next image as a PNG data URI (what a vision model is sent, and what
+    MLflow's trace view renders inline)."""
+    out, k = [], 0
+    for m in messages:
+        parts: list[dict[str, Any]] = []
+        for i, piece in enumerate(m["content"].split("<image>")):
+            if i > 0 and k < len(images):
+                url = "data:image/png;base64," + base64.b64encode(images[k]).decode()
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+                k += 1
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        out.append({"role": m["role"], "content": parts})
+    return out
 
 
 class ScriptedPolicy:
@@ -263,18 +315,7 @@ class OpenAIPolicy:
     def _content(self, messages: list[Message], images: list[bytes]) -> list[Message]:
         if not self.vision:  # text models see the <image> placeholders as text, exactly as in their SFT data
             return [{"role": m["role"], "content": m["content"]} for m in messages]
-        out, k = [], 0
-        for m in messages:
-            parts: list[dict[str, Any]] = []
-            for i, piece in enumerate(m["content"].split("<image>")):
-                if i > 0 and k < len(images):
-                    url = "data:image/png;base64," + base64.b64encode(images[k]).decode()
-                    parts.append({"type": "image_url", "image_url": {"url": url}})
-                    k += 1
-                if piece:
-                    parts.append({"type": "text", "text": piece})
-            out.append({"role": m["role"], "content": parts})
-        return out
+        return with_images(messages, images)
 
     async def __call__(self, messages: list[Message], images: list[bytes]) -> str:
         resp = await self.client.post(

@@ -121,7 +121,7 @@ async def evaluate(
 def metrics_table(
     results: Mapping[str, Mapping[str, Metrics | Mapping[str, Any]]],
 ) -> tuple[list[str], list[list[str]]]:
-    """Evaluations of one suite as (columns, rows), task families first and `overall` last: the CLI tables
+    """Evaluations of one suite as (columns, rows), `overall` first and then the task families: the CLI tables
     and the Prefect table artifacts are all this. One evaluation (label → metrics per family) shows every
     metric; several, in order, compare accuracy and format rate, with the last one's tool use."""
 
@@ -138,7 +138,7 @@ def metrics_table(
 
     labels = list(results)
     last = results[labels[-1]]
-    families = sorted(last, key=lambda f: (f == "overall", f))
+    families = sorted(last, key=lambda f: (f != "overall", f))
     if len(labels) == 1:
         columns = ["family", "n", "accuracy", "format rate", "tool-call rate", "tool mix", "mean turns"]
         rows = [
@@ -211,21 +211,50 @@ class EvalRun:
     eval_s: float
     sampled: dict[str, dict[str, float]] = field(default_factory=dict)  # pass@1 / pass@k per family
 
-    def report(self) -> dict[str, Any]:
-        """Metrics and every trajectory as JSON (the MLflow artifact and `argus eval --out`)."""
+    def report(self, tasks: list[Task], trace_ids: list[str] | None = None) -> dict[str, Any]:
+        """Metrics and every trajectory as JSON (the MLflow artifact and `argus eval --out`): per task the
+        question, gold answer, finish reason, reward, each message with its role, and each tool call with
+        what it was asked, what it answered and its latency; images are in the task's trace."""
+        ids: list[str | None] = list(trace_ids) if trace_ids else [None] * len(self.trajectories)
         return {
             "metrics": {k: asdict(v) for k, v in self.summary.items()},
             "trajectories": [
                 {
                     "task": t.task_id,
                     "family": t.family,
+                    "question": task.question,
+                    "gold": task.answer,
                     "finish": t.finish,
                     "reward": asdict(t.reward) if t.reward else None,
-                    "turns": [m["content"] for m in t.messages[2:]],
+                    "trace_id": trace_id,
+                    "messages": [{"role": m["role"], "content": m["content"]} for m in t.messages],
+                    "tool_calls": [
+                        {k: v for k, v in asdict(c).items() if k not in ("start_ns", "end_ns")} for c in t.tool_calls
+                    ],
+                    "images": len(t.images),
                 }
-                for t in self.trajectories
+                for t, task, trace_id in zip(self.trajectories, tasks, ids, strict=True)
             ],
         }
+
+    def per_task(self, tasks: list[Task], trace_ids: list[str] | None = None) -> list[dict[str, Any]]:
+        """One row per task: the evaluation's side of the pipeline's per-task comparison."""
+        ids: list[str | None] = list(trace_ids) if trace_ids else [None] * len(self.trajectories)
+        return [
+            {
+                "task": t.task_id,
+                "family": t.family,
+                "gold": task.answer,
+                "answer": t.reward.answer if t.reward else None,
+                "reward": t.reward.score if t.reward else 0.0,
+                "accuracy": t.reward.accuracy if t.reward else 0.0,
+                "finish": t.finish,
+                "turns": t.turns,
+                "tools": " ".join(c.tool for c in t.tool_calls),
+                "trace_id": trace_id,
+            }
+            for t, task, trace_id in zip(self.trajectories, tasks, ids, strict=True)
+        ]
 
 
 def evaluate_endpoint(

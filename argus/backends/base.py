@@ -172,9 +172,11 @@ class Backend(ABC):
         """Kept serving deployments that exist now."""
 
     @abstractmethod
-    def switch(self, endpoint: str, to: ModelServer) -> StableEndpoint:
+    def switch(self, endpoint: str, to: ModelServer, model_version: str = "") -> StableEndpoint:
         """Route the stable endpoint to `to` without dropping a request; returns once new requests reach
-        `to` and every request in flight on the old route has finished (the old deployment may go)."""
+        `to` and every request in flight on the old route has finished (the old deployment may go).
+        `model_version` (`name/version`) is the registered version `to` serves, which the endpoint
+        names in its answers where its router can add a header."""
 
     @abstractmethod
     def endpoint(self, name: str) -> StableEndpoint | None: ...

@@ -17,6 +17,7 @@ import typer
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 from rich.console import Console
+from rich.table import Table
 
 from argus.config import PipelineSpec, StackSettings
 from argus.specfile import SpecError, load_spec
@@ -125,8 +126,36 @@ def prepare_flow_env(settings: StackSettings) -> None:
             handler.addFilter(_ExpectedFailures())
 
 
-def fmt_duration(seconds: float | None) -> str:
-    """A duration for a live view or a listing: `42s` under two minutes, `6m40s` above."""
-    if seconds is None:
-        return ""
-    return f"{seconds:.0f}s" if seconds < 120 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+def print_table(
+    title: str,
+    columns: list[str],
+    rows: list[list[str]],
+    *,
+    url_column: str,
+    out: Console | None = None,
+) -> None:
+    """A table with a URL column that is never cut: when the whole table fits the terminal unwrapped
+    the URLs stay in their column, else the column goes and each row's URL is printed on its own line
+    under the table (`first cell: URL`), where the terminal may wrap it but nothing truncates it."""
+    from rich.measure import Measurement
+
+    out = out or console
+    at = columns.index(url_column)
+
+    def build(with_urls: bool) -> Table:
+        table = Table(title=title, title_justify="left")
+        for i, col in enumerate(columns):
+            if with_urls or i != at:
+                table.add_column(col, no_wrap=i in (0, at), overflow="fold")
+        for row in rows:
+            table.add_row(*(cell for i, cell in enumerate(row) if with_urls or i != at))
+        return table
+
+    table = build(True)
+    natural = Measurement.get(out, out.options.update(max_width=100_000), table).maximum  # unclamped width
+    if natural <= out.width:
+        out.print(table)
+        return
+    out.print(build(False))
+    for row in rows:
+        out.print(f"  {row[0]}: {row[at]}", highlight=False, soft_wrap=True)

@@ -76,4 +76,4 @@ def eval_command(
                     backend.close()
     console.print(metrics_table(f"{model} on {len(tasks)} eval tasks", {"model": result.summary}))
     if out is not None:
-        out.write_text(_json.dumps(result.report(), indent=1))
+        out.write_text(_json.dumps(result.report(tasks), indent=1))

@@ -23,10 +23,12 @@ def metrics_table(title: str, results: Mapping[str, Mapping[str, Any]]) -> Table
     labels = list(results)
     headline = f"{labels[-1]} acc" if len(labels) > 1 else "accuracy"
     for col in columns:
+        # Cells wrap (an interval goes under its value) rather than lose their end on a narrow terminal.
         table.add_column(
             col,
             justify="left" if col in ("family", "tool mix") else "right",
-            no_wrap=True,
+            no_wrap=col in ("family", "n"),
+            overflow="fold",
             style="bold" if col == headline and len(labels) > 1 else None,
         )
     for row in rows:
@@ -60,34 +62,46 @@ def print_result(result: PipelineResult) -> None:
             highlight=False,
             soft_wrap=True,
         )
-    timing = Table(title="time per stage", title_justify="left")
-    for col in ("stage", "wall", "program", "orchestration", ""):
-        timing.add_column(col, justify="left" if col in ("stage", "") else "right", no_wrap=col != "")
-    for st in result.stages:
-        note = f"skipped (took {st.work_s:.0f}s when it ran)" if st.work_s else "skipped"
-        timing.add_row(
-            st.stage,
-            f"{st.wall_s:.1f}s",
-            "—" if st.cached else f"{st.work_s:.1f}s",
-            f"{st.wall_s - (0.0 if st.cached else st.work_s):.1f}s",
-            note if st.cached else "",
-        )
-    work = sum(s.work_s for s in result.stages if not s.cached)
-    timing.add_row(
-        "[bold]total[/]",
-        f"{result.wall_s:.1f}s",
-        f"{work:.1f}s",
-        f"{result.overhead_s:.1f}s ({100 * result.overhead_s / max(result.wall_s, 1e-9):.1f}%)",
-        "",
+    console.print(stage_table(result))
+    print_links(
+        [
+            ("MLflow run", result.mlflow_run_url),
+            ("Prefect run", result.flow_run_url),
+            ("model", reg.url),
+            *(
+                (f"{label} eval" + (" (earlier run)" if report.cached else ""), report.mlflow_run_url)
+                for label, report in shown.items()
+            ),
+        ]
     )
-    console.print(timing)
-    console.print(f"MLflow run:   {result.mlflow_run_url}", highlight=False)
-    console.print(f"Prefect run:  {result.flow_run_url}", highlight=False)
-    console.print(f"model:        {reg.url}", highlight=False)
-    for label, report in shown.items():
-        title = f"{label} eval"
-        note = "  (recorded by an earlier run)" if report.cached else ""
-        console.print(f"{title + ':':<14}{report.mlflow_run_url}{note}", highlight=False)
+
+
+def stage_table(result: PipelineResult) -> Table:
+    """The one stage table: every stage the run went through (deploy included) with its wall time and
+    the time inside its own program, one duration format, one total."""
+    from argus.events import fmt_duration
+    from flows.summary import stage_rows
+
+    table = Table(title=f"stages of {result.run_name}", title_justify="left")
+    for col in ("stage", "state", "wall", "program"):
+        table.add_column(col, justify="left" if col in ("stage", "state") else "right")
+    for row in stage_rows(result.stages):
+        table.add_row(*row)
+    work = sum(s.work_s for s in result.stages if not s.cached)
+    table.add_row(
+        "[bold]total[/]",
+        f"orchestration {fmt_duration(result.overhead_s)}",
+        f"[bold]{fmt_duration(result.wall_s)}[/]",
+        fmt_duration(work),
+    )
+    return table
+
+
+def print_links(links: list[tuple[str, str]]) -> None:
+    """Label and URL, one per line: a URL is never cut, whatever the terminal's width (it wraps)."""
+    width = max(len(label) for label, _ in links) + 2
+    for label, url in links:
+        console.print(f"{label + ':':<{width}}{url}", highlight=False, soft_wrap=True)
 
 
 def print_promotion(model: str, result: PromotionResult) -> None:

@@ -27,7 +27,6 @@ from argus.cli._common import (
     console,
     err_console,
     exit_with_error,
-    fmt_duration,
     prepare_flow_env,
     spec_or_exit,
     stack_settings,
@@ -36,6 +35,7 @@ from argus.cli._common import (
 from argus.cli.report import print_result
 from argus.cli.stage_view import StageView
 from argus.config import DNS_LABEL, PipelineSpec, StackSettings, repo_root
+from argus.events import fmt_duration
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import State
@@ -80,11 +80,11 @@ def run_command(
         flow_run = client.create_flow_run(pipeline, parameters=params, name=run)
     console.print(
         f"Prefect flow run {tracking.prefect_flow_run_url(settings, str(flow_run.id))}"
-        f"  (stack ready in {stack_s:.0f}s)",
+        f"  (stack ready in {fmt_duration(stack_s)})",
         highlight=False,
     )
     view = StageView(flow_run.id, run)
-    with view.shown():
+    with view.shown(transient=True):
         try:
             state: State[Any] = run_flow(  # type: ignore[assignment]
                 pipeline,  # type: ignore[arg-type]
@@ -96,6 +96,7 @@ def run_command(
             err_console.print(f"interrupted; `argus run {spec_file} --run-name {run}` resumes where this stopped")
             raise typer.Exit(130) from None
     if not state.is_completed():
+        console.print(view.table())  # the live view goes when it ends; a failed run keeps it
         try:
             state.result()
         except BaseException as exc:  # noqa: BLE001 - report the flow's own error, not a traceback
@@ -103,9 +104,7 @@ def run_command(
         err_console.print(f"re-run `argus run {spec_file} --run-name {run}` to resume; finished stages are skipped")
         raise typer.Exit(1)
     result = state.result()
-    console.print()
     print_result(result)
-    console.print(f"wall time {fmt_duration(time.monotonic() - started)} (stack start {stack_s:.0f}s)", highlight=False)
 
 
 # -- a run in a cluster -----------------------------------------------------------------------------

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from argus.cli._common import HomeOption, console, err_console, exit_with_error, fmt_duration, running_stack
+from argus.cli._common import HomeOption, console, err_console, exit_with_error, print_table, running_stack
 from argus.cli.report import print_result
 from argus.cli.stage_view import StageView
+from argus.events import fmt_duration
 
 app = typer.Typer(help="Pipeline runs recorded by Prefect.", no_args_is_help=True)
 
@@ -41,19 +41,18 @@ def runs_list(
 
     with get_client(sync_client=True) as client:
         runs = _pipeline_runs(client, None, limit)
-    table = Table(title="pipeline runs")
-    for col in ("run", "state", "started", "duration", "spec", "Prefect"):
-        table.add_column(col)
-    for fr in runs:
-        table.add_row(
+    rows = [
+        [
             fr.name,
             fr.state.name if fr.state else "",
             fr.start_time.strftime("%Y-%m-%d %H:%M:%S") if fr.start_time else "",
             fmt_duration(fr.total_run_time.total_seconds()),
             str(fr.parameters.get("spec_uri", "")),
             tracking.prefect_flow_run_url(settings, str(fr.id)),
-        )
-    console.print(table)
+        ]
+        for fr in runs
+    ]
+    print_table("pipeline runs", ["run", "state", "started", "duration", "spec", "Prefect"], rows, url_column="Prefect")
 
 
 @app.command("show")
@@ -77,14 +76,15 @@ def runs_show(
         highlight=False,
     )
     view = StageView(fr.id, fr.name)
-    view.poll()
-    console.print(view.table())
     if fr.state is not None and fr.state.is_completed():
         try:
             result = fr.state.result()
         except Exception as exc:  # noqa: BLE001 - the result file may have been cleaned up
             err_console.print(f"the run's result is not available here: {exc}")
+        else:
+            print_result(result)  # its stage table is the one table of a finished run
             return
-        print_result(result)
-    elif fr.state is not None and fr.state.message:
+    view.poll()
+    console.print(view.table())
+    if fr.state is not None and fr.state.message:
         console.print(fr.state.message, highlight=False)

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
-from rich.table import Table
 
 from argus.cli._common import (
     HomeOption,
     console,
     exit_with_error,
     prepare_flow_env,
+    print_table,
     spec_or_exit,
     stack_settings,
     start_stack,
@@ -100,11 +100,7 @@ def serving_status(
 
     settings, backend = _serving_backend(spec_file, home)
     active = {e.active: e for e in backend.endpoints()}
-    table = Table(title="serving")
-    for col in ("endpoint", "deployment", "model", "version", "aliases", "health"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("URL", overflow="fold")  # the one thing a user copies: never cut with an ellipsis
-    rows = 0
+    rows: list[list[str]] = []
     for dep in backend.deployments():
         stable = active.get(dep.name)
         try:
@@ -121,9 +117,12 @@ def serving_status(
         except httpx.HTTPError:
             healthy = False
         health = "[green]healthy[/]" if healthy else "[red]unhealthy[/]"
-        table.add_row(stable.name if stable else "-", dep.name, dep.served_name, version, aliases, health, url)
-        rows += 1
-    console.print(table if rows else "nothing is being served")
+        rows.append([dep.name, stable.name if stable else "-", dep.served_name, version, aliases, health, url])
+    if not rows:
+        console.print("nothing is being served")
+        return
+    columns = ["deployment", "endpoint", "model", "version", "aliases", "health", "URL"]
+    print_table("serving", columns, rows, url_column="URL")
 
 
 @app.command("down")

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
-from argus.cli._common import HomeOption, console, exit_with_error, print_spec_issues, stack_settings
+from argus.cli._common import HomeOption, console, exit_with_error, print_spec_issues, print_table, stack_settings
 from argus.specfile import SpecError
 
 if TYPE_CHECKING:
@@ -18,20 +17,23 @@ if TYPE_CHECKING:
 app = typer.Typer(help="The local platform stack: S3 endpoint, MLflow, Prefect.", no_args_is_help=True)
 
 
-def _status_table(rows: list[ComponentStatus]) -> Table:
-    table = Table(title="Argus stack")
-    for col in ("component", "health", "managed", "pid", "restarts", "URL"):
-        table.add_column(col)
-    for row in rows:
-        table.add_row(
-            row.title,
-            "[green]healthy[/]" if row.healthy else "[red]unhealthy[/]",
-            "local" if row.managed else "external",
-            str(row.pid or "-"),
-            str(row.restarts),
-            row.ui_url,
-        )
-    return table
+def print_status(rows: list[ComponentStatus]) -> None:
+    print_table(
+        "Argus stack",
+        ["component", "health", "managed", "pid", "restarts", "URL"],
+        [
+            [
+                row.title,
+                "[green]healthy[/]" if row.healthy else "[red]unhealthy[/]",
+                "local" if row.managed else "external",
+                str(row.pid or "-"),
+                str(row.restarts),
+                row.ui_url,
+            ]
+            for row in rows
+        ],
+        url_column="URL",
+    )
 
 
 @app.command("up")
@@ -45,7 +47,7 @@ def stack_up(home: HomeOption = None) -> None:
             rows = up(settings, on_progress=lambda msg: console.print(f"  {msg}", highlight=False))
     except StackError as exc:
         exit_with_error(str(exc))
-    console.print(_status_table(list(rows)))
+    print_status(list(rows))
     console.print(f"state and logs: {settings.home}   stop with: argus stack down", highlight=False)
 
 
@@ -55,7 +57,7 @@ def stack_status(home: HomeOption = None) -> None:
     from argus.stack import status
 
     rows = status(stack_settings(home))
-    console.print(_status_table(list(rows)))
+    print_status(list(rows))
     if not all(r.healthy for r in rows):
         raise typer.Exit(1)
 

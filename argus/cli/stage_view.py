@@ -14,7 +14,8 @@ from typing import Any
 from rich.live import Live
 from rich.table import Table
 
-from argus.cli._common import console, fmt_duration
+from argus.cli._common import console
+from argus.events import fmt_duration
 
 TRAINING_STAGES = ("sft", "rl")  # the stages whose jobs report a share of optimizer steps
 
@@ -92,11 +93,12 @@ class StageView:
     def table(self) -> Table:
         title = f"pipeline {self.run_name}" + (f" · {self.flow_state}" if self.flow_state else "")
         table = Table(title=title, title_justify="left")
-        for col in ("stage", "state", "time", ""):
-            table.add_column(col)
+        progress = any(detail for *_, detail in self.rows)  # no column that would stay empty
+        for col in ("stage", "state", "time", *(("progress",) if progress else ())):
+            table.add_column(col, justify="right" if col == "time" else "left")
         for stage, state, elapsed, detail in self.rows:
             colour = COLOURS.get(state.upper(), "cyan" if state == "Cached" else "white")
-            table.add_row(stage, f"[{colour}]{state}[/]", elapsed, detail)
+            table.add_row(stage, f"[{colour}]{state}[/]", elapsed, *((detail,) if progress else ()))
         return table
 
     def follow(self, live: Live) -> None:
@@ -109,10 +111,11 @@ class StageView:
             self.stop.wait(3.0)  # each poll is three API calls; the Prefect server shares the cores
 
     @contextlib.contextmanager
-    def shown(self) -> Iterator[None]:
+    def shown(self, transient: bool = False) -> Iterator[None]:
         """The table, live, refreshed from a thread while the block runs, and once more at its end. The
-        thread runs in this context, so it talks to the Prefect API this context is set to."""
-        with Live(self.table(), console=console, refresh_per_second=2, transient=False) as live:
+        thread runs in this context, so it talks to the Prefect API this context is set to. `transient`:
+        the live table goes at the end (the caller prints the final one)."""
+        with Live(self.table(), console=console, refresh_per_second=2, transient=transient) as live:
             watcher = threading.Thread(target=contextvars.copy_context().run, args=(self.follow, live), daemon=True)
             watcher.start()
             try:

@@ -42,11 +42,17 @@ class CorpusError(ValueError):
     """A corpus file that cannot be indexed; names the file and line."""
 
 
-def image_phash(data: bytes) -> int:
+def image_phash(data: bytes, max_pixels: int | None = None) -> int:
+    """The perceptual hash of an image; ValueError with the reason for bytes that are not an image, or
+    an image over `max_pixels` (checked from its header, before anything is decoded)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ValueError(
+                    f"image is {img.width}x{img.height} = {img.width * img.height} pixels; the limit is {max_pixels}"
+                )
             bits = imagehash.phash(img.convert("RGB")).hash.flatten()
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"not a readable image: {exc}") from exc
     value = 0
     for bit in bits:

@@ -3,8 +3,14 @@
 moto keeps objects in memory only, which would lose every MLflow artifact and checkpoint when the
 stack restarts while MLflow's sqlite store still points at them. This program serves moto's own WSGI
 app and, after each successful mutating request, mirrors the touched bucket to disk before the client
-sees the answer (data file first, then its metadata, each written to a temp file and renamed, so a
-crash never leaves a half-written object that would be restored). At start it restores the mirror.
+sees the answer. At start it restores the mirror.
+
+The metadata file is each object's commit record, and it names the data file it goes with. A write puts
+the data under a new name (its content hash), then replaces the metadata (temp file, fsync, rename),
+and only then removes the data the old metadata named. So a crash at any point of an overwrite leaves
+either the old record with the old data or the new record with the new data, both complete: restore
+serves the last acknowledged version or the new one, never nothing. Start-up removes what a crash left
+behind: temp files, and data files no record names.
 
 On a cluster this is replaced by MinIO or S3; nothing else in Argus knows the difference.
 
@@ -31,6 +37,8 @@ from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoReque
 from moto.s3.models import S3Backend, s3_backends
 from werkzeug.serving import make_server
 
+from argus.faults import fault
+
 log = logging.getLogger("argus.s3server")
 
 _MUTATING = {"PUT", "POST", "DELETE"}
@@ -46,7 +54,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class DiskMirror:
-    """`root/<bucket>/<sha256(key)>.data` + `.meta.json`; the meta file is the commit record."""
+    """`root/<bucket>/<sha256(key)>.meta.json`, the commit record, naming its data file
+    `<sha256(key)>.<sha256(data)[:16]>.data` (a mirror written before records named their data has
+    `<sha256(key)>.data`, which restore still reads)."""
 
     def __init__(self, root: Path, region: str):
         self.root = root
@@ -63,9 +73,35 @@ class DiskMirror:
         partition, account = owner
         return s3_backends[account][partition]
 
-    def _paths(self, bucket: str, key: str) -> tuple[Path, Path]:
-        digest = hashlib.sha256(key.encode()).hexdigest()
-        return self.root / bucket / f"{digest}.data", self.root / bucket / f"{digest}.meta.json"
+    def _meta_path(self, bucket: str, key: str) -> Path:
+        return self.root / bucket / f"{hashlib.sha256(key.encode()).hexdigest()}.meta.json"
+
+    @staticmethod
+    def _data_path(meta_path: Path, meta: dict[str, Any]) -> Path:
+        name = meta.get("data") or meta_path.name.replace(".meta.json", ".data")
+        return meta_path.with_name(name)
+
+    def _read_meta(self, meta_path: Path) -> dict[str, Any] | None:
+        try:
+            meta: dict[str, Any] = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return meta
+
+    def _commit(self, bucket: str, key: str, value: bytes, metadata: dict[str, Any]) -> None:
+        meta_path = self._meta_path(bucket, key)
+        old = self._read_meta(meta_path)
+        sha = hashlib.sha256(value).hexdigest()
+        data_name = f"{meta_path.name.removesuffix('.meta.json')}.{sha[:16]}.data"
+        _write_atomic(meta_path.with_name(data_name), value)  # 1. the new data, under its own name
+        fault("s3-after-data")
+        meta = {"key": key, "sha256": sha, "data": data_name, "metadata": metadata}
+        _write_atomic(meta_path, json.dumps(meta).encode())  # 2. the commit: the record names it
+        fault("s3-after-meta")
+        if old is not None:  # 3. the old data, once nothing names it
+            previous = self._data_path(meta_path, old)
+            if previous.name != data_name:
+                previous.unlink(missing_ok=True)
 
     def sync_bucket(self, bucket: str) -> None:
         with self._lock:
@@ -83,33 +119,35 @@ class DiskMirror:
                 etag = str(fake.etag)
                 if known.get(name) == etag:
                     continue
-                value = fake.value
-                data_path, meta_path = self._paths(bucket, name)
-                _write_atomic(data_path, value)
-                meta = {
-                    "key": name,
-                    "sha256": hashlib.sha256(value).hexdigest(),
-                    "metadata": dict(fake.metadata),
-                }
-                _write_atomic(meta_path, json.dumps(meta).encode())
+                self._commit(bucket, name, fake.value, dict(fake.metadata))
                 known[name] = etag
             for name in set(known) - set(live):
-                for path in self._paths(bucket, name):
-                    path.unlink(missing_ok=True)
+                meta_path = self._meta_path(bucket, name)
+                meta = self._read_meta(meta_path)
+                meta_path.unlink(missing_ok=True)  # the record first: no record, no object
+                if meta is not None:
+                    self._data_path(meta_path, meta).unlink(missing_ok=True)
                 del known[name]
 
     def restore(self) -> int:
-        """Load the mirror into moto; objects whose data does not match their meta are skipped."""
+        """Load the mirror into moto; objects whose data does not match their meta are skipped. Temp files
+        and data files that no record names (what a crash mid-write leaves) are removed first."""
         backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
         restored = 0
         for bucket_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             bucket = bucket_dir.name
             backend.create_bucket(bucket, self.region)
             known = self._etags.setdefault(bucket, {})
-            for meta_path in bucket_dir.glob("*.meta.json"):
+            records = {p: self._read_meta(p) for p in bucket_dir.glob("*.meta.json")}
+            named = {self._data_path(p, m).name for p, m in records.items() if m is not None}
+            for stray in [*bucket_dir.glob(".*.tmp"), *(p for p in bucket_dir.glob("*.data") if p.name not in named)]:
+                log.info("removing %s, left by an interrupted write", stray.name)
+                stray.unlink(missing_ok=True)
+            for meta_path, meta in records.items():
                 try:
-                    meta = json.loads(meta_path.read_text())
-                    value = meta_path.with_name(meta_path.name.replace(".meta.json", ".data")).read_bytes()
+                    if meta is None:
+                        raise ValueError("unreadable record")
+                    value = self._data_path(meta_path, meta).read_bytes()
                 except (OSError, ValueError) as exc:
                     log.warning("skipping unreadable object %s: %s", meta_path, exc)
                     continue

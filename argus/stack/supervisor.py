@@ -36,8 +36,19 @@ log = logging.getLogger("argus.stack")
 
 class ComponentState(BaseModel):
     process: supervision.ProcessRecord | None = None
-    restarts: int = 0
+    restarts: int = 0  # since the stack started (shown by `argus stack status`)
+    streak: int = 0  # restarts in a row without a healthy period between them: what the backoff grows on
     last_exit: int | None = None
+
+
+RESTART_BASE_S = 1.0
+RESTART_MAX_S = 30.0
+HEALTHY_RESET_S = 60.0  # a component that ran this long before dying starts the backoff afresh
+
+
+def restart_delay(streak: int) -> float:
+    """1, 2, 4, 8, 16, 30, 30, ... seconds for the 1st, 2nd, ... restart in a row."""
+    return min(RESTART_BASE_S * 2.0 ** (streak - 1), RESTART_MAX_S)
 
 
 class StackState(BaseModel):
@@ -304,7 +315,10 @@ class Supervisor:
             if comp.name not in self.next_start:
                 supervision.stop_group(cstate.process, grace_s=3)  # its workers may still hold the port
                 cstate.restarts += 1
-                delay = min(2.0 ** min(cstate.restarts, 5), 30.0)
+                if time.time() - cstate.process.create_time >= HEALTHY_RESET_S:
+                    cstate.streak = 0  # it was healthy for a while: this is a new failure, not the same one
+                cstate.streak += 1
+                delay = restart_delay(cstate.streak)
                 self.next_start[comp.name] = now + delay
                 log.warning(
                     "%s exited; restart %d in %.0fs (log %s)",

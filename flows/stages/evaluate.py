@@ -8,6 +8,7 @@ model's numbers become the baseline every later run compares against, without re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -22,6 +23,7 @@ from argus import tracking
 from argus.agent.env import Trajectory
 from argus.agent.evaluation import EvalRun, evaluate_endpoint, metrics_table
 from argus.agent.task import Task
+from argus.agent.traces import TraceWriter
 from argus.backends.base import Backend, ModelServer, ToolEndpoints
 from argus.config import EvalSuite, PipelineSpec, Prompt, ServingTarget, StackSettings, ToolsSpec
 from argus.data.formats import read_rl_parquet
@@ -41,6 +43,7 @@ def serve_and_evaluate(
     tasks: list[Task],
     tools: ToolEndpoints,
     target: ServingTarget | None = None,
+    server: ModelServer | None = None,
     max_turns: int = 9,
     max_tokens: int = 256,
     concurrency: int = 8,
@@ -50,10 +53,13 @@ def serve_and_evaluate(
     sample_limit: int | None = None,
     on_done: Callable[[Trajectory], None] = lambda _t: None,
 ) -> EvalRun:
-    """Serve the model through the backend (vLLM), run the suite against it with the tools live, and
-    remove the server again (`argus eval` and a model with no server of its own)."""
+    """Run the suite against `server` (one the pipeline serves already), or against a vLLM server this
+    starts through the backend and removes again (`argus eval`, a model with no server of its own),
+    with the tools live."""
     started = time.monotonic()
-    server = backend.deploy(name, model_uri, target or ServingTarget(), served_name="model")
+    own = server is None
+    if server is None:
+        server = backend.deploy(name, model_uri, target or ServingTarget(), served_name="model")
     try:
         return evaluate_endpoint(
             base_url=server.base_url,
@@ -69,10 +75,11 @@ def serve_and_evaluate(
             samples=samples,
             sample_limit=sample_limit,
             on_done=on_done,
-            serve_s=time.monotonic() - started,
+            serve_s=time.monotonic() - started if own else 0.0,
         )
     finally:
-        backend.remove(name)
+        if own:
+            backend.remove(name)
 
 
 def _eval_key(_ctx: Any, p: dict[str, Any]) -> str:
@@ -94,6 +101,15 @@ def check_prompt(model_uri: str, prompt: str, settings: StackSettings) -> None:
     reason = prompt_mismatch(model_uri, prompt, "evaluated", settings)
     if reason:
         raise PromptMismatch(reason)
+
+
+def suite_uri(suite: EvalSuite, data_uri: str) -> str:
+    return suite.data or join_uri(data_uri, "eval", "eval.parquet")
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows as MLflow's table artifact wants them: column → values."""
+    return {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
 
 
 @task(name="run-eval", persist_result=True, cache_key_fn=_eval_key, retries=1, retry_delay_seconds=15)
@@ -119,35 +135,49 @@ def run_eval(
     log = get_run_logger()
     settings = stack_settings()
     backend = make_backend(backend_kind, settings, spec)
-    tasks = read_rl_parquet(suite.data or join_uri(data_uri, "eval", "eval.parquet"))[: suite.limit]
+    tasks = read_rl_parquet(suite_uri(suite, data_uri))[: suite.limit]
+    by_id = {t.id: t for t in tasks}
     name = artifact_key("eval", label, model_fingerprint[:8])
-    done = 0
+    import mlflow
 
-    def tick(_t: object) -> None:
-        nonlocal done
-        done += 1
-        if done % 10 == 0 or done == len(tasks):
-            log.info("%s: %d/%d tasks", label, done, len(tasks))
+    client = mlflow_client(settings)
+    experiment_id = tracking.ensure_experiment(experiment, tracking.experiment_description(experiment))
+    tags = {
+        **flow_run_links(settings),
+        tracking.TAG_EVAL_MODEL_FINGERPRINT: model_fingerprint,
+        tracking.TAG_EVAL_BASELINE: str(baseline).lower(),
+        tracking.TAG_PROMPT: prompt,
+        tracking.TAG_CODE_VERSION: tracking.code_version(),
+        tracking.TAG_NOTE: f"{label}: `{model_uri}` on suite `{suite.name}` ({len(tasks)} tasks), one trace per task",
+        **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
+    }
+    # The run spans the evaluation: created before the model is served, ended when the traces are in.
+    run = client.create_run(experiment_id, run_name=f"eval-{label}", tags=tags)
+    run_id = run.info.run_id
+    params = {"label": label, "model_uri": model_uri, "suite": suite.name, "prompt": prompt}
+    params.update({"tasks": str(len(tasks)), "max_turns": str(suite.max_turns), "backend": backend_kind})
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+    tracking.log_datasets(
+        client, run_id, {f"{suite.name}-eval": (suite_uri(suite, data_uri), suite_fingerprint, "evaluation")}
+    )
+    trace_tags = {
+        tracking.TRACE_TAG_SOURCE: "eval",
+        tracking.TRACE_TAG_LABEL: label,
+        tracking.TRACE_TAG_MODEL: model_uri,
+    }
+    traces = TraceWriter(experiment_id=experiment_id, run_id=run_id, tags=trace_tags)
+
+    def done(traj: Trajectory) -> None:
+        traces.add(traj, by_id[traj.task_id])  # written while the rest of the suite runs
+        n = len(traces.pending)
+        if n % 10 == 0 or n == len(tasks):
+            log.info("%s: %d/%d tasks", label, n, len(tasks))
 
     try:
-        endpoints = tools or backend.tools_up(f"{name}-tools", tools_spec, join_uri(data_uri, "search"))
-        if server is not None:
-            log.info("evaluating %s through %s, %d tasks", model_uri, server.base_url, len(tasks))
-            result = evaluate_endpoint(
-                base_url=server.base_url,
-                model=server.served_name,
-                sandbox_url=endpoints.sandbox_url,
-                search_url=endpoints.search_url,
-                tasks=tasks,
-                max_turns=suite.max_turns,
-                run_id=name,
-                prompt=prompt,
-                samples=0 if baseline else suite.samples,  # the baseline's samples say nothing
-                sample_limit=suite.sample_limit,
-                on_done=tick,
-            )
-        else:
-            log.info("serving %s with vLLM (%s backend), %d tasks", model_uri, backend_kind, len(tasks))
+        try:
+            endpoints = tools or backend.tools_up(f"{name}-tools", tools_spec, join_uri(data_uri, "search"))
+            where = f"through {server.base_url}" if server else "on a vLLM server of its own"
+            log.info("evaluating %s %s, %d tasks", model_uri, where, len(tasks))
             result = serve_and_evaluate(
                 backend,
                 name=name,
@@ -155,48 +185,37 @@ def run_eval(
                 tasks=tasks,
                 tools=endpoints,
                 target=serving,
+                server=server,
                 max_turns=suite.max_turns,
-                concurrency=8,
                 run_id=name,
                 prompt=prompt,
                 samples=0 if baseline else suite.samples,  # the baseline's samples say nothing
                 sample_limit=suite.sample_limit,
-                on_done=tick,
+                on_done=done,
             )
-    finally:
-        backend.close()
-
-    client = mlflow_client(settings)
-    import mlflow
-
-    experiment_id = mlflow.set_experiment(experiment).experiment_id
-    tags = {
-        **flow_run_links(settings),
-        tracking.TAG_EVAL_MODEL_URI: model_uri,
-        tracking.TAG_EVAL_MODEL_FINGERPRINT: model_fingerprint,
-        tracking.TAG_EVAL_SUITE: suite.name,
-        tracking.TAG_EVAL_BASELINE: str(baseline).lower(),
-        tracking.TAG_PROMPT: prompt,
-        tracking.TAG_CODE_VERSION: tracking.code_version(),
-        **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
-    }
-    run = client.create_run(experiment_id, run_name=f"eval-{label}", tags=tags)
-    metrics = {k: v for name_, m in result.summary.items() for k, v in m.flat(name_).items()}
-    metrics.update({f"{family}/{k}": v for family, rates in result.sampled.items() for k, v in rates.items()})
-    metrics.update({"serve_s": result.serve_s, "eval_s": result.eval_s})
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / f"eval-{label}.json"
-        report.write_text(json.dumps(result.report(), indent=1))
-        client.log_batch(
-            run.info.run_id,
-            metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in sorted(metrics.items())],
-            params=[
-                mlflow.entities.Param("max_turns", str(suite.max_turns)),
-                mlflow.entities.Param("tasks", str(len(tasks))),
-            ],
-        )
-        client.log_artifact(run.info.run_id, str(report), "eval")
-    client.set_terminated(run.info.run_id)
+        finally:
+            backend.close()
+        written = dict(zip((task.id for _f, _t, task in traces.pending), traces.finish(), strict=True))
+        trace_ids = [written[t.id] for t in tasks]
+        metrics = {k: v for name_, m in result.summary.items() for k, v in m.flat(name_).items()}
+        metrics.update({f"{family}/{k}": v for family, rates in result.sampled.items() for k, v in rates.items()})
+        metrics.update({"time/serve_s": result.serve_s, "time/eval_s": result.eval_s})
+        now = int(time.time() * 1000)
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / f"eval-{label}.json"
+            report.write_text(json.dumps(result.report(tasks, trace_ids), indent=1))
+            client.log_batch(
+                run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())]
+            )
+            client.log_artifact(run_id, str(report), "eval")
+        per_task = result.per_task(tasks, trace_ids)
+        client.log_table(run_id, data=_columns(per_task), artifact_file="eval/per_task.json")
+    except BaseException:
+        with contextlib.suppress(Exception):  # the episodes that finished are worth seeing
+            traces.finish()
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id)
     columns, rows = metrics_table({label: result.summary})
     create_table_artifact(
         key=artifact_key("eval", label),
@@ -219,8 +238,9 @@ def run_eval(
         model_fingerprint=model_fingerprint,
         suite=suite.name,
         metrics={k: {**m.__dict__, **result.sampled.get(k, {})} for k, m in result.summary.items()},
-        mlflow_run_id=run.info.run_id,
-        mlflow_run_url=tracking.mlflow_run_url(settings, experiment_id, run.info.run_id),
+        mlflow_run_id=run_id,
+        mlflow_run_url=tracking.mlflow_run_url(settings, experiment_id, run_id),
+        tasks=per_task,
         serve_s=result.serve_s,
         eval_s=result.eval_s,
     )
@@ -251,7 +271,7 @@ def evaluate(
     prompt = prompt or (spec.prompt if spec is not None else "deepeyesv2")
     check_prompt(model_uri, prompt, settings)
     model_fp = fingerprint(model_uri, settings)
-    suite_fp = fingerprint(suite.data or join_uri(data_uri, "eval", "eval.parquet"), settings)
+    suite_fp = fingerprint(suite_uri(suite, data_uri), settings)
     state = run_eval(
         label=label,
         model_uri=model_uri,
@@ -284,15 +304,15 @@ def run(ctx: RunContext, data: DataRef, tools: ToolEndpoints, models: dict[str, 
         suite = suite.model_copy(update={"data": suite.data or data.eval})
     reports: dict[str, EvalReport] = {}
     for i, (label, model_uri) in enumerate(models.items()):
-        with ctx.stage(f"evaluate-{label}") as clock:
-            server = None
-            serve_s = 0.0
-            if i == len(models) - 1 and i > 0 and spec.serving.promote_to != "none":
+        server = None
+        if i == len(models) - 1 and i > 0 and spec.serving.promote_to != "none":
+            with ctx.stage(f"deploy-{label}") as clock:
                 started = time.monotonic()
                 name = deployment_name(spec.model.registered_name, model_uri, ctx.settings)
                 server = deploy(ctx.backend, name, model_uri, spec.serving.staging, spec.model.registered_name)
-                serve_s = time.monotonic() - started
+                clock.work_s = time.monotonic() - started
                 ctx.kept.append(server.name)
+        with ctx.stage(f"evaluate-{label}") as clock:
             report = evaluate(
                 model_uri,
                 data.data_root,
@@ -308,7 +328,7 @@ def run(ctx: RunContext, data: DataRef, tools: ToolEndpoints, models: dict[str, 
                 server=server,
                 spec=spec,
             )
-            clock.work_s = serve_s + (0.0 if report.cached else report.serve_s + report.eval_s)
-            clock.cached = report.cached and not serve_s
+            clock.work_s = 0.0 if report.cached else report.serve_s + report.eval_s
+            clock.cached = report.cached
         reports[label] = report
     return reports

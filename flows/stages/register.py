@@ -12,11 +12,12 @@ from argus.tracking import ALIAS_CANDIDATE
 from flows.context import RunContext
 from flows.results import DataRef, EvalReport, RegisteredVersion, RLResult, SFTResult, cache_key
 from flows.runtime import artifact_key, flow_run_links, stack_settings
+from flows.summary import lineage_card
 
 
 @task(name="register-version", retries=3, retry_delay_seconds=[2, 5, 10])
 def register_version(
-    model_uri: str, name: str, key: str, run_id: str | None, tags: dict[str, str], alias: str
+    model_uri: str, name: str, key: str, run_id: str | None, tags: dict[str, str], alias: str, description: str
 ) -> RegisteredVersion:
     settings = stack_settings()
     mv = registry.register_version(
@@ -26,7 +27,7 @@ def register_version(
         key=key,
         run_id=run_id,
         tags=tags,
-        description=f"{model_uri} (run {run_id})" if run_id else model_uri,
+        description=description or (f"{model_uri} (run {run_id})" if run_id else model_uri),
     )
     registry.set_alias(settings, name, alias, mv.version)
     url = registry.version_url(settings, name, mv.version)
@@ -47,17 +48,19 @@ def register(
     run_id: str | None = None,
     tags: dict[str, Any] | None = None,
     alias: str = ALIAS_CANDIDATE,
+    description: str = "",
 ) -> RegisteredVersion:
     """Register `model_uri` (its object-store URI becomes the version's `source`) as a version of `name`
-    linked to the MLflow run that produced it; a re-run with the same inputs finds the same version."""
+    linked to the MLflow run that produced it; a re-run with the same inputs finds the same version.
+    `tags` win over this flow's own links: a pipeline's version points at the pipeline's flow run."""
     settings = stack_settings()
     all_tags = {
-        **{k: str(v) for k, v in (tags or {}).items()},
         **flow_run_links(settings),
         tracking.TAG_CODE_VERSION: tracking.code_version(),
+        **{k: str(v) for k, v in (tags or {}).items()},
     }
     key = cache_key("register", model_uri, run_id)
-    version = register_version(model_uri, name, key, run_id, all_tags, alias)
+    version = register_version(model_uri, name, key, run_id, all_tags, alias, description)
     create_link_artifact(version.url, link_text=f"{name} v{version.version}", key=artifact_key("model", name))
     return version
 
@@ -84,13 +87,27 @@ def run(
             else {}
         ),
         tracking.TAG_PROMPT: ctx.spec.prompt,
+        tracking.TAG_CODE_VERSION: tracking.code_version(),
         **{tracking.eval_run_tag(label): report.mlflow_run_id for label, report in reports.items()},
-        **{
-            tracking.eval_metric_tag(label, family, metric): f"{report.value(metric, family):.4f}"
-            for label, report in reports.items()
-            for family in report.metrics
-            for metric in ("accuracy", "format_rate", "tool_call_rate")
-        },
     }
+    card = lineage_card(
+        settings=ctx.settings,
+        experiment_id=ctx.experiment_id,
+        model_uri=candidate.model_uri,
+        data=data,
+        trained=trained,
+        refined=refined,
+        reports=reports,
+        flow_run_url=ctx.lineage[tracking.TAG_PREFECT_FLOW_RUN_URL],
+        pipeline_run_url=ctx.mlflow_run_url,
+        code_version=tracking.code_version(),
+        repository=tracking.repository_url(),
+    )
     with ctx.stage("register"):
-        return register(candidate.model_uri, ctx.spec.model.registered_name, run_id=candidate.mlflow_run_id, tags=tags)
+        return register(
+            candidate.model_uri,
+            ctx.spec.model.registered_name,
+            run_id=candidate.mlflow_run_id,
+            tags=tags,
+            description=card,
+        )

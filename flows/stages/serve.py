@@ -141,7 +141,7 @@ def _switch_production(
         backend.remove(new_name)
         raise
     started = time.monotonic()
-    stable = backend.switch(stable_name, server)
+    stable = backend.switch(stable_name, server, model_version=f"{name}/{mv.version}")
     switch_s = time.monotonic() - started
     if stable.previous and stable.previous != new_name:
         backend.remove(stable.previous)  # drained: the switch returned after its last request finished

@@ -9,7 +9,7 @@ import base64
 import binascii
 import posixpath
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from argus.config import SandboxSettings
+from services.asgi import BodyLimit
 from services.sandbox import models as m
 from services.sandbox.metrics import SandboxMetrics
 from services.sandbox.pool import AtCapacity, Outcome, SessionNotFound, SessionPool
@@ -104,6 +105,7 @@ def render_native(out: Outcome) -> m.ExecuteResponse:
         error=m.ExecuteError(**out.error) if out.error else None,
         execution_time=out.execution_time,
         state_lost=out.state_lost,
+        background=[m.BackgroundProcess(**b) for b in out.background],
     )
 
 
@@ -141,14 +143,7 @@ def create_app(settings: SandboxSettings | None = None, runner: Runner | None = 
     async def _missing(_req: Request, exc: SessionNotFound) -> JSONResponse:
         return JSONResponse({"detail": f"no session {exc.args[0]!r}"}, status_code=404)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return JSONResponse(
-                {"detail": f"request body over the {settings.max_body_bytes}-byte limit"}, status_code=413
-            )
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # chunked bodies included
 
     def check_code(code: str) -> None:
         if len(code) > settings.max_code_chars:
@@ -246,6 +241,7 @@ def create_app(settings: SandboxSettings | None = None, runner: Runner | None = 
             executions=s.executions,
             age_s=now - s.created,
             idle_s=now - s.last_used,
+            background=[m.BackgroundProcess(**b) for b in s.background],
         )
 
     @app.post("/v1/sessions", status_code=201)
@@ -264,7 +260,12 @@ def create_app(settings: SandboxSettings | None = None, runner: Runner | None = 
     async def execute(session_id: str, req: m.ExecuteRequest) -> m.ExecuteResponse:
         check_code(req.code)
         out = await pool.execute(
-            session_id, req.code, timeout_s=check_timeout(req.timeout), protocol="native", create=False
+            session_id,
+            req.code,
+            timeout_s=check_timeout(req.timeout),
+            protocol="native",
+            create=False,
+            extra={"background": req.background} if req.background else None,
         )
         return render_native(out)
 

@@ -25,6 +25,16 @@ class SandboxMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )
         self.sessions_live = Gauge("argus_sandbox_sessions_live", "Sessions holding a kernel", registry=self.registry)
+        self.background_processes = Gauge(
+            "argus_sandbox_background_processes",
+            "Processes cells left running, over all sessions (as last seen: after a cell, or polled while idle)",
+            registry=self.registry,
+        )
+        self.background_cpu = Gauge(
+            "argus_sandbox_background_cpu_seconds",
+            "CPU seconds those background processes have used so far, idle time included",
+            registry=self.registry,
+        )
         self.pool_warm = Gauge(
             "argus_sandbox_pool_warm", "Started, pre-imported kernels waiting to be claimed", registry=self.registry
         )

@@ -101,17 +101,33 @@ class CreateSessionRequest(_Request):
     session_id: SessionId | None = None
 
 
+class BackgroundProcess(BaseModel):
+    """A process a cell started that was still running after the cell returned."""
+
+    pid: int
+    cmd: str
+    cpu_s: float = Field(description="CPU seconds it has used, idle time of its session included")
+
+
 class SessionInfo(BaseModel):
     session_id: str
     runner: str
     executions: int
     age_s: float
     idle_s: float
+    background: list[BackgroundProcess] = Field(
+        default_factory=list, description="processes its cells left running, as last seen"
+    )
 
 
 class ExecuteRequest(_Request):
     code: str
     timeout: Timeout | None = None
+    background: Literal["leave", "kill"] | None = Field(
+        None,
+        description="processes the cell leaves running: leave them, or kill them when it returns "
+        "(default: the service's after_cell setting)",
+    )
 
 
 class ExecuteError(BaseModel):
@@ -128,6 +144,7 @@ class ExecuteResponse(BaseModel):
     error: ExecuteError | None
     execution_time: float
     state_lost: bool
+    background: list[BackgroundProcess] = Field(default_factory=list, description="left running by this cell")
 
 
 class Health(BaseModel):

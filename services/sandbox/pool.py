@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from argus.config import SandboxSettings
+from services.asgi import REPLACED_NOTE, safe_text
 from services.sandbox.metrics import SandboxMetrics
 from services.sandbox.runners import KernelDied, KernelProcess, Runner
 
@@ -68,24 +69,42 @@ class Outcome:
     return_code: int | None = None
     files: dict[str, str] = field(default_factory=dict)
     timeout_text: str = ""
+    background: list[dict[str, Any]] = field(default_factory=list)  # processes still running after the cell
 
     @classmethod
     def from_reply(cls, reply: dict[str, Any], elapsed: float) -> Outcome:
+        """The kernel's reply; text that cannot be encoded (a cell that printed a lone surrogate) has
+        each unpaired surrogate replaced by U+FFFD, and a note says so, so every protocol can answer."""
         status = reply.get("status")
-        return cls(
+        replaced = False
+
+        def text(value: Any) -> Any:
+            nonlocal replaced
+            if not isinstance(value, str):
+                return value
+            cleaned, changed = safe_text(value)
+            replaced |= changed
+            return cleaned
+
+        error = reply.get("error")
+        out = cls(
             status=status if status in ("error", "timeout") else "ok",
-            stdout=reply.get("stdout", ""),
-            stderr=reply.get("stderr", ""),
-            traceback=reply.get("traceback", ""),
-            result=reply.get("result"),
+            stdout=text(reply.get("stdout", "")),
+            stderr=text(reply.get("stderr", "")),
+            traceback=text(reply.get("traceback", "")),
+            result=text(reply.get("result")),
             result_is_image=bool(reply.get("result_is_image")),
             images=reply.get("images", []),
-            notes=reply.get("notes") or [],
-            error=reply.get("error"),
+            notes=[text(n) for n in reply.get("notes") or []],
+            error={k: text(v) for k, v in error.items()} if isinstance(error, dict) else None,
             execution_time=elapsed,
             return_code=reply.get("return_code"),
             files=reply.get("files") or {},
+            background=[{**b, "cmd": text(b.get("cmd", ""))} for b in reply.get("background") or []],
         )
+        if replaced:
+            out.notes.append(REPLACED_NOTE)
+        return out
 
 
 @dataclass
@@ -96,6 +115,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     executions: int = 0
+    background: list[dict[str, Any]] = field(default_factory=list)  # as last seen: after a cell, or while idle
 
 
 class Admission:
@@ -415,6 +435,7 @@ class SessionPool:
             "max_output": s.max_output_chars,
             "max_images": s.max_images,
             "max_image_bytes": s.max_image_bytes,
+            "background": s.after_cell,
             **extra,
         }
         kernel = session.kernel
@@ -422,7 +443,11 @@ class SessionPool:
             msg_id = await kernel.send(request)
             try:
                 reply = await asyncio.wait_for(kernel.receive(msg_id), timeout)
-                return Outcome.from_reply(reply, 0.0)
+                outcome = Outcome.from_reply(reply, 0.0)
+                kernel.max_rss_mb = float(reply.get("max_rss_mb") or 0.0)
+                session.background = outcome.background
+                self._observe_background()
+                return outcome
             except TimeoutError:
                 pass
             # Interrupt first: a cooperative cell stops and the session keeps its state.
@@ -489,6 +514,27 @@ class SessionPool:
             for session_id in self._reclaim_idle():
                 log.info("closing idle session %s", session_id)
                 await self.close(session_id, reason="idle")
+            await self._poll_background()
+
+    async def _poll_background(self) -> None:
+        """Ask each idle session that had background processes what they use now: a session that looks
+        idle while its leftovers burn a core shows it (native API, `/metrics`)."""
+        for session in list(self.sessions.values()):
+            if not session.background or session.lock.locked():
+                continue
+            async with session.lock:
+                try:
+                    msg_id = await session.kernel.send({"op": "stats"})
+                    reply = await asyncio.wait_for(session.kernel.receive(msg_id), 5.0)
+                except (KernelDied, TimeoutError):
+                    continue
+                session.background = reply.get("background") or []
+        self._observe_background()
+
+    def _observe_background(self) -> None:
+        procs = [p for s in self.sessions.values() for p in s.background]
+        self.metrics.background_processes.set(len(procs))
+        self.metrics.background_cpu.set(sum(float(p.get("cpu_s", 0.0)) for p in procs))
 
     def stats(self) -> dict[str, Any]:
         return {

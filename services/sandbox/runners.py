@@ -51,6 +51,7 @@ class KernelProcess:
     workdir: Path
     next_id: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    max_rss_mb: float = 0.0  # the kernel's peak memory, as its last reply said
 
     @property
     def alive(self) -> bool:
@@ -78,18 +79,39 @@ class KernelProcess:
             if not line:
                 await self.proc.wait()
                 raise KernelDied(self.exit_reason())
-            reply: dict[str, Any] = json.loads(line)
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                reply = None
+            if not isinstance(reply, dict):
+                # Code in the sandbox can write to the kernel's channel (its fd 1): a kernel whose channel
+                # carries anything but its own replies can no longer be trusted, and is replaced.
+                raise KernelDied(f"the kernel's protocol channel carried a line that is not a reply: {line[:80]!r}")
             if reply.get("id") == msg_id:
                 return reply
 
     def exit_reason(self) -> str:
+        """What ended the kernel, said only as far as the evidence goes. A negative status is a signal the
+        runner saw; runsc reports a signal death as 128 + n, which a process may also exit with, so that
+        is said as both; the memory limit is named only when the kernel's peak memory had reached 90 % of
+        it before it was killed. (A cell that hits the pids limit does not end the kernel: its fork fails
+        with EAGAIN, and the kernel says so in the cell's notes.)"""
         code = self.proc.returncode
         if code is None:
             return "the kernel stopped answering"
-        if code in (137, -9):
-            limit = self.runner.settings.memory_mb
-            return f"the kernel was killed (exit {code}): most likely it went over the {limit} MB memory limit"
-        return f"the kernel exited with code {code}"
+        sig = -code if code < 0 else code - 128 if code > 128 else 0
+        if not sig:
+            return f"the kernel exited with code {code}"
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
+        limit = self.runner.settings.memory_mb
+        if sig == signal.SIGKILL and self.max_rss_mb >= 0.9 * limit:
+            return (
+                f"the kernel was killed by {name} (status {code}) after its memory reached {self.max_rss_mb:.0f} MB "
+                f"of the {limit} MB limit: it went over the memory limit (OOM kill)"
+            )
+        if code < 0:
+            return f"the kernel was killed by {name} (status {code})"
+        return f"the kernel ended with status {code}: killed by {name}, or it exited with that code"
 
     async def interrupt(self) -> None:
         await self.runner.interrupt(self)

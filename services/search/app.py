@@ -6,8 +6,7 @@ argus search serve --provider offline --cache-mode cache-first --port 8090
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from argus.config import SearchSettings
 from argus.data.search_index import image_phash
+from services.asgi import REPLACED_NOTE, BodyLimit, ClientGone, Timed, safe_text, unless_disconnected
 from services.search import models as m
 from services.search.cache import CacheStore, RedisStore, make_store
 from services.search.metrics import SearchMetrics
@@ -48,6 +48,10 @@ def create_app(
 
     app = FastAPI(title="Argus search proxy", version="1", lifespan=lifespan)
     app.state.proxy = proxy
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # chunked bodies included
+
+    def client_of(request: Request, run_id: str) -> str:
+        return run_id if run_id != "default" else (request.client.host if request.client else "unknown")
 
     def reply(status: int, detail: str, **headers: str) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
@@ -71,26 +75,32 @@ def create_app(
     async def _unsupported(_r: Request, exc: Unsupported) -> JSONResponse:
         return reply(400, str(exc))
 
+    @app.exception_handler(ClientGone)
+    async def _gone(_r: Request, _exc: ClientGone) -> JSONResponse:
+        return reply(499, "the client disconnected; its searches were cancelled")
+
     @app.exception_handler(UpstreamError)
     async def _upstream(_r: Request, exc: UpstreamError) -> JSONResponse:
         # Search-R1's client retries 5xx; after our own retries an upstream 429 is still "try later".
         return reply(503 if exc.retryable else 502, str(exc), **({"Retry-After": "5"} if exc.retryable else {}))
 
-    @app.middleware("http")
-    async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        started = time.perf_counter()
-        response = await call_next(request)
-        path = request.url.path
+    def timed(path: str, status: int, seconds: float) -> None:
         if path not in ("/metrics", "/healthz"):
-            metrics.latency.labels(endpoint=path).observe(time.perf_counter() - started)
-            metrics.requests.labels(endpoint=path, outcome=str(response.status_code)).inc()
-        return response
+            metrics.latency.labels(endpoint=path).observe(seconds)
+            metrics.requests.labels(endpoint=path, outcome=str(status)).inc()
 
-    def check_query(query: str) -> str:
+    # Pure ASGI, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware hides a client's disconnect
+    # from the endpoint, and /retrieve must see it to cancel the searches of a client that has gone.
+    app.add_middleware(Timed, observe=timed)
+
+    def check_query(query: str, notes: list[str]) -> str:
         if not query.strip():
             raise HTTPException(400, "query is empty")
         if len(query) > settings.max_query_chars:
             raise HTTPException(400, f"query is {len(query)} characters; the limit is {settings.max_query_chars}")
+        query, replaced = safe_text(query)
+        if replaced and REPLACED_NOTE not in notes:
+            notes.append(REPLACED_NOTE)
         return query
 
     def check_backend(name: str | None) -> None:
@@ -103,10 +113,12 @@ def create_app(
         return k
 
     @app.post("/v1/search")
-    async def search(req: m.SearchRequest, run_id: str = RunId) -> m.SearchResponse:
+    async def search(request: Request, req: m.SearchRequest, run_id: str = RunId) -> m.SearchResponse:
         check_backend(req.backend)
-        query = check_query(req.query)
-        hits, cached = await proxy.search(query, check_top_k(req.top_k), run_id)
+        notes: list[str] = []
+        query = check_query(req.query, notes)
+        top_k = check_top_k(req.top_k)
+        hits, cached = await proxy.search(query, top_k, run_id, client_of(request, run_id))
         results = [h.result for h in hits]
         return m.SearchResponse(
             query=query,
@@ -114,10 +126,11 @@ def create_app(
             cached=cached,
             results=results,
             rendered=render_web(query, results),
+            notes=notes,
         )
 
     @app.post("/v1/image_search")
-    async def image_search(req: m.ImageSearchRequest, run_id: str = RunId) -> m.ImageSearchResponse:
+    async def image_search(request: Request, req: m.ImageSearchRequest, run_id: str = RunId) -> m.ImageSearchResponse:
         check_backend(req.backend)
         if (req.image is None) == (req.key is None):
             raise HTTPException(400, "give exactly one of 'image' (base64 bytes) or 'key' (a dataset key)")
@@ -125,11 +138,15 @@ def create_app(
         if req.image is not None:
             try:
                 image = decode_image(req.image, settings.max_image_bytes)
-                image_phash(image)  # rejects bytes that are not an image before any upstream call
+                # Rejects bytes that are not an image, and images over the pixel limit (a decompression
+                # bomb is a few KB of PNG), before anything is decoded or sent upstream.
+                image_phash(image, settings.max_image_pixels)
             except ValueError as exc:
                 raise HTTPException(400, str(exc)) from None
+        key = safe_text(req.key)[0] if req.key is not None else None  # a key with a lone surrogate matches none
+        top_k = check_top_k(req.top_k)
         try:
-            results, cached = await proxy.image_search(image, req.key, check_top_k(req.top_k), run_id)
+            results, cached = await proxy.image_search(image, key, top_k, run_id, client_of(request, run_id))
         except LookupError as exc:
             if isinstance(exc, ReplayMiss):
                 raise
@@ -139,11 +156,20 @@ def create_app(
         )
 
     @app.post("/retrieve")
-    async def retrieve(req: m.RetrieveRequest, run_id: str = RunId) -> m.RetrieveResponse:
-        for q in req.queries:
-            check_query(q)
-        check_top_k(req.topk)
-        found = await asyncio.gather(*(proxy.search(q, req.topk, run_id) for q in req.queries))
+    async def retrieve(request: Request, req: m.RetrieveRequest, run_id: str = RunId) -> m.RetrieveResponse:
+        if len(req.queries) > settings.max_retrieve_queries:
+            raise HTTPException(
+                413,
+                f"{len(req.queries)} queries in one request; the limit is {settings.max_retrieve_queries} "
+                "(ARGUS_SEARCH_MAX_RETRIEVE_QUERIES): send them in batches",
+            )
+        notes: list[str] = []
+        queries = [check_query(q, notes) for q in req.queries]
+        top_k = check_top_k(req.topk)
+        client = client_of(request, run_id)
+        # Queued searches of a client that has gone are cancelled, not left to run for nobody.
+        searches = asyncio.gather(*(proxy.search(q, top_k, run_id, client) for q in queries))
+        found = await unless_disconnected(request.is_disconnected, searches)
         out: list[list[dict[str, Any]]] = []
         for hits, _cached in found:
             docs = [{"id": h.doc_id, "contents": retrieval_contents(h.result)} for h in hits]
@@ -152,7 +178,7 @@ def create_app(
                 if req.return_scores
                 else docs
             )
-        return m.RetrieveResponse(result=out)
+        return m.RetrieveResponse(result=out, notes=notes)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -68,3 +68,25 @@ class Coalescer:
             return value
         finally:
             del self._inflight[key]
+
+
+class FairShare:
+    """At most `per_client` searches in flight for each client, so that one client's thousands of queries
+    wait behind each other instead of in front of everyone else's: another client always finds the
+    shared upstream slots (and the cache) within a few of the big client's searches."""
+
+    def __init__(self, per_client: int) -> None:
+        self.per_client = per_client
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._holders: dict[str, int] = {}
+
+    async def run(self, client: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        slots = self._slots.setdefault(client, asyncio.Semaphore(self.per_client))
+        self._holders[client] = self._holders.get(client, 0) + 1
+        try:
+            async with slots:
+                return await fn()
+        finally:
+            self._holders[client] -= 1
+            if not self._holders[client]:  # forget idle clients: run ids are unbounded
+                del self._holders[client], self._slots[client]

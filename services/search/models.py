@@ -39,6 +39,7 @@ class SearchResponse(BaseModel):
     cached: bool
     results: list[WebResult]
     rendered: str = Field(description="the observation text DeepEyesV2 puts in <tool_response>")
+    notes: list[str] = Field(default_factory=list, description="what the proxy changed in the request, and why")
 
 
 class ImageSearchRequest(BaseModel):
@@ -66,3 +67,4 @@ class RetrieveRequest(BaseModel):
 
 class RetrieveResponse(BaseModel):
     result: list[list[dict[str, Any]]]
+    notes: list[str] = Field(default_factory=list, description="what the proxy changed in the request, and why")

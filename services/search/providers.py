@@ -55,6 +55,7 @@ ImageHost = Callable[[bytes], Awaitable[str]]
 
 class SearchProvider(abc.ABC):
     name: str
+    paid = True  # an upstream API with a quota: rate-limited; a local index is not
 
     @abc.abstractmethod
     async def search(self, query: str, k: int) -> list[Hit]: ...
@@ -202,6 +203,7 @@ class OfflineProvider(SearchProvider):
     """Full-text and perceptual-hash search over a local index; no network at all."""
 
     name = "offline"
+    paid = False
 
     def __init__(self, index_path: Path):
         self.index = OfflineIndex(index_path)

@@ -18,7 +18,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from argus.config import SearchSettings
 from services.search.cache import CacheStore, Entry, cache_key
-from services.search.limits import Coalescer, TokenBucket
+from services.search.limits import Coalescer, FairShare, TokenBucket
 from services.search.metrics import SearchMetrics
 from services.search.models import ImageResult, WebResult
 from services.search.providers import Hit, SearchProvider, UpstreamError
@@ -47,8 +47,14 @@ class SearchProxy:
         self.bucket = TokenBucket(settings.rate_limit_per_s, settings.rate_burst)
         self.concurrency = asyncio.Semaphore(settings.max_concurrency)
         self.coalescer = Coalescer(on_join=metrics.coalesced.inc)
+        # Per client, around the upstream work only: cache hits and joins of an identical query in
+        # flight never wait behind another client's queue.
+        self.fair = FairShare(settings.client_concurrency)
 
-    async def _upstream(self, run_id: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def _upstream(self, run_id: str, client: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        return await self.fair.run(client, lambda: self._call_upstream(run_id, call))
+
+    async def _call_upstream(self, run_id: str, call: Callable[[], Awaitable[Any]]) -> Any:
         budget = self.settings.budget_per_run
         if budget is not None:
             used = await self.store.incr_budget(run_id)
@@ -64,7 +70,8 @@ class SearchProxy:
             reraise=True,
         ):
             with attempt:
-                await self.bucket.acquire()
+                if self.provider.paid:  # the rate limit protects a paid API, not our own index
+                    await self.bucket.acquire()
                 async with self.concurrency:
                     self.metrics.upstream_calls.labels(backend=name).inc()
                     started = time.perf_counter()
@@ -78,7 +85,13 @@ class SearchProxy:
         raise AssertionError("unreachable")  # pragma: no cover - reraise=True
 
     async def _lookup(
-        self, kind: str, query: str, params: dict[str, Any], run_id: str, call: Callable[[], Awaitable[Any]]
+        self,
+        kind: str,
+        query: str,
+        params: dict[str, Any],
+        run_id: str,
+        client: str,
+        call: Callable[[], Awaitable[Any]],
     ) -> tuple[Any, bool]:
         key = cache_key(kind, self.provider.name, query, params)
         mode = self.settings.cache_mode
@@ -92,7 +105,7 @@ class SearchProxy:
                 raise ReplayMiss(kind, query)
 
         async def fetch_and_store() -> Any:
-            value = await self._upstream(run_id, call)
+            value = await self._upstream(run_id, client, call)
             if mode in ("record", "cache-first"):
                 await self.store.put(
                     Entry(key=key, kind=kind, backend=self.provider.name, query=query, params=params, value=value)
@@ -101,16 +114,18 @@ class SearchProxy:
 
         return await self.coalescer.run(key, fetch_and_store), False
 
-    async def search(self, query: str, top_k: int, run_id: str) -> tuple[list[Hit], bool]:
+    async def search(self, query: str, top_k: int, run_id: str, client: str | None = None) -> tuple[list[Hit], bool]:
+        """`client` is whom fairness counts (default: the run id)."""
+
         async def call() -> list[dict[str, Any]]:
             hits = await self.provider.search(query, top_k)
             return [{"result": h.result.model_dump(), "score": h.score, "doc_id": h.doc_id} for h in hits]
 
-        value, cached = await self._lookup("search", query, {"top_k": top_k}, run_id, call)
+        value, cached = await self._lookup("search", query, {"top_k": top_k}, run_id, client or run_id, call)
         return [Hit(WebResult(**v["result"]), v["score"], v["doc_id"]) for v in value], cached
 
     async def image_search(
-        self, image: bytes | None, key: str | None, top_k: int, run_id: str
+        self, image: bytes | None, key: str | None, top_k: int, run_id: str, client: str | None = None
     ) -> tuple[list[ImageResult], bool]:
         async def call() -> list[dict[str, Any]]:
             results = await self.provider.image_search(image, key, top_k)
@@ -121,14 +136,18 @@ class SearchProxy:
         else:
             assert image is not None
             query, params = hashlib.sha256(image).hexdigest(), {"top_k": top_k, "by": "image"}
-        value, cached = await self._lookup("image_search", query, params, run_id, call)
+        value, cached = await self._lookup("image_search", query, params, run_id, client or run_id, call)
         return [ImageResult(**v) for v in value], cached
 
 
 def decode_image(b64: str, limit: int) -> bytes:
     """Base64 image bytes from a request, or ValueError with the reason."""
+    if b64.startswith("data:"):
+        header, comma, b64 = b64.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ValueError("image data URI must be data:<type>;base64,<data>")
     try:
-        data = base64.b64decode(b64.split(",", 1)[1] if b64.startswith("data:") else b64, validate=True)
+        data = base64.b64decode(b64, validate=True)
     except ValueError:
         raise ValueError("image is not valid base64") from None
     if not data:

@@ -96,7 +96,7 @@ def test_quickstart_crash_resume_and_register(cli: Cli, stack_env: dict[str, str
         second = cli("run", str(spec), "--run-name", "e2e", timeout=2700)
         out = second.stdout
         print(out)
-        assert "prepare-data" in out and "skipped (took" in out
+        assert "prepare-data" in out and "skipped (done earlier)" in out
         assert '"event": "resumed"' in train_log.read_text()
 
         name = "argus-quickstart"
@@ -120,7 +120,7 @@ def test_quickstart_crash_resume_and_register(cli: Cli, stack_env: dict[str, str
             "argus.sft.mlflow_run_id",
             "argus.rl.mlflow_run_id",
             "argus.rl.start_model",
-            "eval.rl.overall.accuracy",
+            "argus.eval.rl.mlflow_run_id",
             "argus.prefect.flow_run_id",
             "argus.pipeline.flow_run_id",
             "argus.code_version",
@@ -132,10 +132,35 @@ def test_quickstart_crash_resume_and_register(cli: Cli, stack_env: dict[str, str
         assert rl_run.data.tags["argus.sft.mlflow_run_id"] == tags["argus.sft.mlflow_run_id"]
         for key in ("reward/overall/mean", "rollout/tool_error_rate", "rollout/dropped_groups", "time/generate_s"):
             assert key in rl_run.data.metrics, key
-        sft_acc = float(tags["eval.sft.overall.accuracy"])
-        base_acc = float(tags["eval.base.overall.accuracy"])
+        # Eval figures are metrics (on the eval runs and the pipeline run), not tags of the version.
+        assert not any(k.startswith("eval.") for k in tags)
+        from argus import tracking
+
+        experiment = client.get_experiment_by_name("quickstart")
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        pipeline = tracking.find_pipeline_run(client, experiment.experiment_id, "e2e")
+        metrics = pipeline.data.metrics
+        sft_acc, base_acc = metrics["sft/overall/accuracy"], metrics["base/overall/accuracy"]
         assert sft_acc > base_acc, (sft_acc, base_acc)
-        assert float(tags["eval.sft.overall.format_rate"]) >= 0.5
+        assert metrics["sft/overall/format_rate"] >= 0.5
+        for stage in ("prepare-data", "tool-environment", "sft", "rl", "deploy-rl", "evaluate-rl", "register"):
+            assert f"stage/{stage}/wall_s" in metrics, stage
+        assert {d.dataset.name for d in pipeline.inputs.dataset_inputs} >= {"sft", "eval"}
+        # The per-task comparison is a table artifact of the pipeline run, one row per eval task.
+        table = client.load_table(experiment.experiment_id, "comparison/per_task.json", [pipeline.info.run_id])
+        assert len(table) == 10 and {"gold", "base answer", "sft reward", "rl correct"} <= set(table.columns)
+        # One trace per evaluated task, on its eval run, with the model's turns and its tool calls.
+        eval_run = client.get_run(tags["argus.eval.sft.mlflow_run_id"])
+        assert eval_run.data.params["model_uri"] and eval_run.data.params["suite"] == "eval"
+        assert eval_run.info.end_time - eval_run.info.start_time > 5000  # it spans the evaluation
+        traces = client.search_traces(locations=[experiment.experiment_id], run_id=eval_run.info.run_id)
+        assert len(traces) == 10
+        assert all(any(s.span_type == "CHAT_MODEL" for s in t.data.spans) for t in traces)
+        # The version's description is its lineage card: data hashes, the runs, the full commit, the evals.
+        card = version.description
+        assert "**Data**" in card and tags["argus.data.sft"][:16] in card and "| overall |" in card
+        assert tags["argus.sft.mlflow_run_id"][:12] in card and len(tags["argus.code_version"].split("-")[0]) == 40
+        assert tags["argus.prefect.flow_run_id"] == tags["argus.pipeline.flow_run_id"]
         # The SFT run carries the training metrics and links back to the Prefect flow run.
         run = client.get_run(tags["argus.sft.mlflow_run_id"])
         assert "train/loss" in run.data.metrics or "loss" in run.data.metrics
@@ -154,6 +179,7 @@ def test_quickstart_crash_resume_and_register(cli: Cli, stack_env: dict[str, str
             timeout=120,
         )
         assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] is not None
+        assert answer.headers["x-argus-model-version"] == f"{name}/{version.version}"
         status = cli("serving", "status").stdout
         assert "healthy" in status and "production" in status and f"v{version.version}" in status
     finally:

@@ -214,3 +214,82 @@ def test_unparseable_search_query_argument(suite: Suite, tools_env: ToolEndpoint
     call = '<think>s</think><tool_call>{"name": "search", "arguments": {"q": "x"}}</tool_call>'
     traj = run(episode(tools_env, task, [call, "<think>ok</think><answer>x</answer>"]))
     assert traj.messages[3]["content"].startswith("Tool call execution error: 'query' is required")
+
+
+# -- trajectories as MLflow traces ----------------------------------------------------------------------
+
+
+def test_trajectories_become_mlflow_traces_with_their_images(
+    suite: Suite, tools_env: ToolEndpoints, training_stack: Any
+) -> None:
+    """Episodes through the real tools, written as traces to the stack's MLflow server, read back with the
+    client and through the route MLflow's UI loads trace images from."""
+    import re
+    from urllib.parse import parse_qs, urlparse
+
+    import httpx
+    import mlflow
+
+    from argus import tracking
+    from argus.agent.traces import log_trajectories
+
+    mlflow.set_tracking_uri(training_stack.mlflow_url)
+    crop = first(suite, "perception", "display(crop)")
+    lens = first(suite, "integrated", "image_search")
+    failing = (
+        "<think>x</think>\n<code>\n```python\nraise ValueError('no')\n```\n</code>",
+        "<think>y</think><answer>none</answer>",
+    )
+    episodes = [
+        (run(episode(tools_env, crop.task, crop.gold)), crop.task),
+        (run(episode(tools_env, lens.task, lens.gold)), lens.task),
+        (run(episode(tools_env, crop.task, list(failing))), crop.task),
+    ]
+    experiment_id = tracking.ensure_experiment("trace-test")
+    client = mlflow.MlflowClient(training_stack.mlflow_url)
+    run_id = client.create_run(experiment_id, run_name="eval-trace-test").info.run_id
+    ids = log_trajectories(episodes, experiment_id=experiment_id, run_id=run_id, tags={"argus.trace.label": "t"})
+
+    traces = {t.info.trace_id: t for t in client.search_traces(locations=[experiment_id], run_id=run_id)}
+    assert set(traces) == set(ids)  # one trace per episode, linked to the run
+    for trace_id, (traj, task) in zip(ids, episodes, strict=True):
+        trace = traces[trace_id]
+        tags = trace.info.tags
+        assert tags["argus.task_id"] == task.id and tags["argus.family"] == task.family
+        assert tags["argus.reward"] == f"{traj.reward.score:.2f}" and tags["argus.finish"] == traj.finish
+        root = next(s for s in trace.data.spans if s.parent_id is None)
+        assert root.span_type == "AGENT"
+        assert root.attributes["question"] == task.question and root.attributes["gold"] == task.answer
+        assert root.outputs["reward"]["accuracy"] == traj.reward.accuracy and root.outputs["gold"] == task.answer
+        turns = [s for s in trace.data.spans if s.span_type == "CHAT_MODEL"]
+        calls = [s for s in trace.data.spans if s.span_type == "TOOL"]
+        assert len(turns) == traj.turns and len(calls) == len(traj.tool_calls)
+        assert all(root.start_time_ns <= s.start_time_ns <= s.end_time_ns <= root.end_time_ns for s in turns + calls)
+        assessments = {a.name: a for a in trace.info.assessments}
+        assert assessments["expected_answer"].value == task.answer
+        assert assessments["reward"].value == round(traj.reward.score, 4)
+        # Every image of the episode is an attachment the UI can load, the task image first
+        # (the opening messages are the inputs, what the agent did the outputs).
+        refs = re.findall(r"mlflow-attachment://[^'\"]+", str(root.inputs["messages"]) + str(root.outputs["messages"]))
+        assert len(refs) == len(traj.images)
+        first_ref = urlparse(refs[0])
+        served = httpx.get(
+            f"{training_stack.mlflow_url}/ajax-api/3.0/mlflow/get-trace-artifact",
+            params={"request_id": parse_qs(first_ref.query)["trace_id"][0], "path": first_ref.hostname},
+            timeout=30,
+        )
+        assert served.status_code == 200 and served.content == task.image
+    crop_trace, lens_trace, failed = (traces[i] for i in ids)
+    code = next(s for s in crop_trace.data.spans if s.span_type == "TOOL")
+    assert code.name == "python" and "crop" in code.inputs["code"] and crop.task.answer in code.outputs["stdout"]
+    assert code.outputs["images"] and float(code.attributes["latency_s"]) > 0
+    lens_call = next(s for s in lens_trace.data.spans if s.name == "image_search")
+    assert lens_call.outputs["results"] and lens_call.outputs["images"]
+    bad = next(s for s in failed.data.spans if s.span_type == "TOOL")
+    assert bad.status.status_code == "ERROR" and "ValueError" in bad.outputs["stderr"]
+    # Searchable by family and outcome, as a user filters the Traces tab.
+    hits = client.search_traces(
+        locations=[experiment_id],
+        filter_string=f"tags.`argus.task_id` = '{crop.task.id}' and tags.`argus.accuracy` = '1'",
+    )
+    assert [t.info.trace_id for t in hits] == [ids[0]]

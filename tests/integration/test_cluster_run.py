@@ -227,7 +227,7 @@ def test_run_submits_to_the_clusters_prefect_and_follows_it(
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(spec.name)
         tags = {"argus.pipeline.run": "r3", "argus.pipeline.root": "true"}
         mlflow_run = client.create_run(experiment_id, run_name="pipeline-r3", tags=tags)
-        client.log_metric(mlflow_run.info.run_id, "sft.overall.accuracy", 0.25)
+        client.log_metric(mlflow_run.info.run_id, "sft/overall/accuracy", 0.25)
         follow = _follower(env, "r3", followers)
         r3 = _flow_run(stack, "r3")
         _set_state(stack, r3.id, Running())
@@ -235,7 +235,7 @@ def test_run_submits_to_the_clusters_prefect_and_follows_it(
         out, err = follow.communicate(timeout=120)
         assert follow.returncode == 0, out + err
         assert "pipeline r3 completed" in out and mlflow_run.info.run_id in out, out
-        assert "sft.overall.accuracy" in out and "0.25" in out
+        assert "sft/overall/accuracy" in out and "0.25" in out
     finally:
         for proc in followers:
             proc.kill()

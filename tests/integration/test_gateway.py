@@ -37,9 +37,10 @@ def upstream(name: str) -> FastAPI:
 def test_switch_under_load_drops_nothing_and_waits_for_in_flight(tmp_path: Path) -> None:
     with serve_app(upstream("blue")) as blue, serve_app(upstream("green")) as green:
         proxy = NginxGateway(tmp_path / "proxy", port=free_port())
-        record = proxy.start(blue.removeprefix("http://"), "blue")
+        record = proxy.start(blue.removeprefix("http://"), "blue", "argus-quickstart/1")
         try:
             results: list[str] = []
+            versions: set[tuple[str, str | None]] = set()
             stop = threading.Event()
 
             def load() -> None:
@@ -47,11 +48,10 @@ def test_switch_under_load_drops_nothing_and_waits_for_in_flight(tmp_path: Path)
                     while not stop.is_set():
                         try:
                             r = client.post(f"{proxy.url}/v1/chat/completions")
-                            results.append(
-                                r.json()["choices"][0]["message"]["content"]
-                                if r.status_code == 200
-                                else f"HTTP {r.status_code}"
-                            )
+                            answer = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else ""
+                            results.append(answer or f"HTTP {r.status_code}")
+                            # Every answer names the registered version that gave it.
+                            versions.add((answer, r.headers.get("x-argus-model-version")))
                         except httpx.HTTPError as exc:
                             results.append(repr(exc))
 
@@ -71,7 +71,7 @@ def test_switch_under_load_drops_nothing_and_waits_for_in_flight(tmp_path: Path)
             slow_thread.start()
             time.sleep(0.3)
             started = time.monotonic()
-            old_workers = proxy.switch(green.removeprefix("http://"), "green")
+            old_workers = proxy.switch(green.removeprefix("http://"), "green", "argus-quickstart/2")
             assert proxy.serving("green")
             assert NginxGateway.wait_drained(old_workers, timeout_s=30)
             drained_after = time.monotonic() - started
@@ -87,6 +87,7 @@ def test_switch_under_load_drops_nothing_and_waits_for_in_flight(tmp_path: Path)
     order = [r for i, r in enumerate(results) if i == 0 or results[i - 1] != r]
     assert order[0] == "blue" and order[-1] == "green"
     assert slow == ["blue"]  # finished on the old upstream
+    assert versions == {("blue", "argus-quickstart/1"), ("green", "argus-quickstart/2")}
     assert drained_after >= 1.5  # the old worker stayed until the slow request was done
 
 

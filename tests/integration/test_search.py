@@ -552,3 +552,126 @@ def test_cache_cli_export_import_stats(tmp_path: Path, cli: Cli, index: Path, of
     broken.write_bytes(b"not gzip")
     bad = cli("search", "cache", "import", str(broken), "--cache-path", other, check=False)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
+
+
+# -- reliability: hostile input, big clients, clients that go away -----------------------------------------
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG that declares `width` x `height` (a decompression bomb is a few KB that inflate to GBs): only
+    its header is needed, since the proxy must refuse it before decoding anything."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"image": "data:image/png;base64"}, "data:<type>;base64,<data>"),  # a data URI with no comma
+        ({"image": "data:image/png," + base64.b64encode(png("red")).decode()}, "data:<type>;base64,<data>"),
+        ({"image": base64.b64encode(header_only_png(20000, 20000)).decode()}, "not a readable image"),  # 400 Mpx
+        ({"image": base64.b64encode(header_only_png(12000, 12000)).decode()}, "the limit is 25000000"),
+    ],
+)
+def test_hostile_images_get_400_with_a_reason(offline: httpx.Client, body: dict[str, str], reason: str) -> None:
+    resp = offline.post("/v1/image_search", json=body)
+    assert resp.status_code == 400 and reason in resp.json()["detail"], resp.text
+    assert offline.post("/v1/search", json={"query": "after"}).status_code == 200  # the connection still serves
+
+
+@pytest.mark.reliability
+def test_unpaired_surrogates_are_replaced_and_said_so(offline: httpx.Client) -> None:
+    raw = json.dumps({"query": "river \ud800 founded"})  # json escapes it as \\ud800, which decodes to a lone one
+    resp = offline.post("/v1/search", content=raw, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["query"] == "river \ufffd founded" and "U+FFFD" in body["notes"][0]
+    retrieve = offline.post(
+        "/retrieve", content=json.dumps({"queries": ["a\udc00"]}), headers={"Content-Type": "application/json"}
+    )
+    assert retrieve.status_code == 200 and retrieve.json()["notes"]
+    key = offline.post(
+        "/v1/image_search", content=json.dumps({"key": "\ud800"}), headers={"Content-Type": "application/json"}
+    )
+    assert key.status_code == 404, key.text  # a key that matches nothing, said as much
+
+
+@pytest.mark.reliability
+def test_chunked_bodies_over_the_limit_are_refused(tmp_path: Path, index: Path) -> None:
+    from tests.conftest import chunked, raw_request
+
+    with serve_app(create_app(settings(tmp_path, index_path=index, max_body_bytes=1 << 16))) as url:
+        head = (
+            "POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n"
+        )
+        answer = raw_request(url, head, chunked(4 << 20))  # 4 MiB against a 64 KiB limit, no Content-Length
+        assert answer.startswith(b"HTTP/1.1 413") and b"65536-byte limit" in answer, answer[:300]
+        small = b'{"query": "ok"}'
+        ok = raw_request(url, head, [f"{len(small):x}\r\n".encode() + small + b"\r\n0\r\n\r\n"])
+        assert ok.startswith(b"HTTP/1.1 200"), ok[:300]  # a chunked body under the limit is served
+
+
+class SlowIndex:
+    """A local provider that takes a few milliseconds a query and counts them (the offline index answers in
+    well under one, too fast to watch a queue)."""
+
+    name = "slow"
+    paid = False
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def search(self, query: str, k: int) -> list[Any]:
+        from services.search.models import WebResult
+        from services.search.providers import Hit
+
+        self.calls += 1
+        await asyncio.sleep(0.005)
+        return [Hit(WebResult(title=query, link=f"offline://{query}", snippet=query), score=1.0, doc_id=query)]
+
+    async def image_search(self, image: bytes | None, key: str | None, k: int) -> list[Any]:
+        return []
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.reliability
+def test_a_huge_retrieve_neither_starves_others_nor_outlives_its_client(tmp_path: Path) -> None:
+    from tests.conftest import raw_request
+
+    provider = SlowIndex()
+    app = create_app(settings(tmp_path, max_retrieve_queries=5000, client_concurrency=4), provider=provider)  # type: ignore[arg-type]
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as small:
+        assert small.post("/v1/search", json={"query": "warm"}).status_code == 200  # now cached
+        assert small.post("/retrieve", json={"queries": ["q"] * 5001}).status_code == 413  # over the cap, said so
+        body = json.dumps({"queries": [f"q{i}" for i in range(5000)], "topk": 1}).encode()
+        head = (
+            f"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Argus-Run-Id: big\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        big = threading.Thread(target=raw_request, args=(url, head, [body]), kwargs={"timeout": 2})
+        big.start()  # its socket times out after 2 s of silence and closes: a client that went away
+        while provider.calls < 50:
+            threading.Event().wait(0.01)
+        # Another client's cached search is answered while the 5,000 queries are still queued.
+        resp = small.post("/v1/search", json={"query": "warm"}, headers={"X-Argus-Run-Id": "small"})
+        assert resp.status_code == 200 and resp.json()["cached"] is True
+        assert provider.calls < 5000
+        big.join()
+        # Once the big client has gone, its queued searches are cancelled instead of run for nobody.
+        before = -1
+        while provider.calls != before:
+            before = provider.calls
+            threading.Event().wait(0.5)
+        assert provider.calls < 5000, provider.calls

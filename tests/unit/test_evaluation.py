@@ -53,12 +53,12 @@ def test_pass_at_k_counts_tasks_any_sample_solved() -> None:
             _validate_metric_name(f"overall/{key}")
 
 
-def test_metrics_table_carries_intervals_and_puts_overall_last() -> None:
+def test_metrics_table_carries_intervals_and_puts_overall_first() -> None:
     summary = summarize([_traj("a", "search", True), _traj("b", "perception", False)])
     columns, rows = metrics_table({"base": summary, "SFT": summary})
     assert columns[:4] == ["family", "n", "base acc", "SFT acc"]
-    assert [r[0] for r in rows] == ["perception", "search", "overall"]
-    overall = rows[-1]
+    assert [r[0] for r in rows] == ["overall", "perception", "search"]
+    overall = rows[0]
     lo, hi = wilson(1, 2)
     assert overall[3] == f"0.500 [{lo:.2f}, {hi:.2f}]"
 

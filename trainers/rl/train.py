@@ -34,6 +34,7 @@ import torch
 
 from argus import events, tracking
 from argus.agent.task import Task
+from argus.agent.traces import log_trajectories
 from argus.config import RLJobConfig
 from argus.data.formats import DataFormatError, read_rl_parquet
 from argus.models.export import export_record, prompt_mismatch
@@ -258,7 +259,7 @@ class RLTrainer(DeepSpeedTrainer):
                     merged = merge_figures(gathered)
                     tracker.log_metrics(merged, step)
                     if job.rl.trajectories_every and (step % job.rl.trajectories_every == 0 or step == 1):
-                        tracker.log_text(trajectories_text(result.episodes), f"trajectories/step-{step:06d}.md")
+                        self.log_traces(tracker, step, result.episodes)
                     events.emit(
                         events.Step(
                             step=step,
@@ -320,6 +321,21 @@ class RLTrainer(DeepSpeedTrainer):
         out["rollout/tool_calls_per_s"] = len(calls) / max(result.seconds, 1e-9)
         return out
 
+    def log_traces(self, tracker: tracking.RunTracker, step: int, episodes: list[Episode], limit: int = 8) -> None:
+        """A sample of the step's episodes (rank 0's first `limit` that finished) as MLflow traces on the
+        run: the same traces an evaluation writes, tagged with the step."""
+        sample = [(t, ep.task) for ep in episodes if (t := ep.trajectory) is not None][:limit]
+        log_trajectories(
+            sample,
+            experiment_id=tracker.experiment_id,
+            run_id=tracker.run_id,
+            tags={
+                tracking.TRACE_TAG_SOURCE: "rl",
+                tracking.TRACE_TAG_LABEL: f"step-{step}",
+                tracking.TRACE_TAG_MODEL: self.job.model,
+            },
+        )
+
     def export_record(self) -> dict[str, Any]:
         return {"stage": "rl", "start_model": self.job.model, "start_record": self.start_record}
 
@@ -346,28 +362,6 @@ def merge_figures(per_rank: list[dict[str, float]]) -> dict[str, float]:
         else:
             merged[key] = sum(values) / len(values)
     return merged
-
-
-def trajectories_text(episodes: list[Episode], limit: int = 8) -> str:
-    """A readable sample of a step's episodes: the first `limit`, each with its reward and turns."""
-    blocks = []
-    for ep in episodes[:limit]:
-        traj = ep.trajectory
-        head = f"## {ep.task.id} ({ep.task.family}) episode {ep.index}"
-        if traj is None:
-            blocks.append(f"{head}\ntimed out after {ep.generated} tokens\n")
-            continue
-        reward = traj.reward
-        lines = [
-            head,
-            f"reward {reward.score if reward else 0:.2f} · accuracy {reward.accuracy if reward else 0:.0f} · "
-            f"finish {traj.finish} · {traj.turns} turns · {ep.generated} tokens" + (" · masked" if ep.masked else ""),
-            f"ground truth: {ep.task.answer}",
-        ]
-        for m in traj.messages[1:]:
-            lines.append(f"\n**{m['role']}**\n\n```\n{m['content']}\n```")
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

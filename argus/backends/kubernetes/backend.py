@@ -251,13 +251,17 @@ class KubernetesBackend(Backend):
             self.spec, name, self.namespace, target, model_uri, served_name, revision, labels
         )
 
-    def switch(self, endpoint: str, to: ModelServer) -> StableEndpoint:
+    def switch(self, endpoint: str, to: ModelServer, model_version: str = "") -> StableEndpoint:
         """Production is one ModelServing named after the endpoint: its new revision serves `to`'s model
         with the production target; the operator starts it beside the running one and moves the stable
-        Service's selector only once it is ready (requests in flight finish on the old pods)."""
+        Service's selector only once it is ready (requests in flight finish on the old pods). The stable
+        Service routes to the pods directly, so no header names the version: the ModelServing carries
+        it as the label `argus.dev/model-version`."""
         body = self._serving_body(
             endpoint, to.model_uri, self.spec.serving.production, to.served_name, revision=to.name, keep=True
         )
+        if model_version:
+            body["metadata"].setdefault("labels", {})["argus.dev/model-version"] = model_version.rsplit("/", 1)[-1]
         self._create_or_replace("modelservings", endpoint, body)
         self._wait_status("modelservings", endpoint, lambda s: s.get("active_revision") == to.name)
         stable = self.endpoint(endpoint)

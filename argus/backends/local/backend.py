@@ -263,7 +263,7 @@ class LocalBackend(Backend):
             port += 1
         return port
 
-    def switch(self, endpoint: str, to: ModelServer) -> StableEndpoint:
+    def switch(self, endpoint: str, to: ModelServer, model_version: str = "") -> StableEndpoint:
         from argus.backends.local.gateway import NginxGateway
 
         path = self._endpoint_path(endpoint)
@@ -272,9 +272,9 @@ class LocalBackend(Backend):
         proxy = NginxGateway(path.parent, port=port, host=self.settings.host)
         upstream = to.base_url.removeprefix("http://").removesuffix("/v1")
         if proxy.master() is None:
-            record = proxy.start(upstream, to.name)
+            record = proxy.start(upstream, to.name, model_version)
         else:
-            old_workers = proxy.switch(upstream, to.name)
+            old_workers = proxy.switch(upstream, to.name, model_version)
             # The old route is gone for new requests; requests already on it finish first.
             proxy.wait_drained(old_workers)
             assert state is not None

@@ -53,6 +53,7 @@ http {{
             proxy_buffering off;
             proxy_read_timeout 600s;
             add_header X-Argus-Deployment "{deployment}" always;
+            add_header X-Argus-Model-Version "{model_version}" always;
         }}
     }}
 }}
@@ -98,10 +99,17 @@ class NginxGateway:
     def conf(self) -> Path:
         return self.root / "nginx.conf"
 
-    def _write(self, upstream: str, deployment: str) -> None:
+    def _write(self, upstream: str, deployment: str, model_version: str) -> None:
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.root / "tmp" / sub).mkdir(parents=True, exist_ok=True)
-        text = CONF.format(root=self.root, host=self.host, port=self.port, upstream=upstream, deployment=deployment)
+        text = CONF.format(
+            root=self.root,
+            host=self.host,
+            port=self.port,
+            upstream=upstream,
+            deployment=deployment,
+            model_version=model_version or "unregistered",
+        )
         tmp = self.conf.with_suffix(".tmp")
         tmp.write_text(text)
         self._nginx("-t", "-c", str(tmp))  # never install a config nginx would refuse
@@ -119,12 +127,13 @@ class NginxGateway:
             return None
         return proc if proc.is_running() and "nginx" in proc.name() else None
 
-    def start(self, upstream: str, deployment: str) -> supervision.ProcessRecord:
-        """Start nginx in front of `upstream` (host:port); returns its process record."""
+    def start(self, upstream: str, deployment: str, model_version: str = "") -> supervision.ProcessRecord:
+        """Start nginx in front of `upstream` (host:port); returns its process record. Every response
+        names the deployment and the registered model version (`name/version`) that answered."""
         if supervision.port_in_use(self.host, self.port):
             raise GatewayError(f"port {self.port} on {self.host} is already in use (set ARGUS_SERVING_PORT)")
         self.root.mkdir(parents=True, exist_ok=True)
-        self._write(upstream, deployment)
+        self._write(upstream, deployment, model_version)
         _popen, record = supervision.spawn(
             [nginx_binary(), "-p", str(self.root), "-c", str(self.conf), "-g", "daemon off;"],
             log_path=self.root / "nginx.log",
@@ -143,14 +152,14 @@ class NginxGateway:
             return False
         return response.headers.get("x-argus-deployment") == deployment and response.status_code == 200
 
-    def switch(self, upstream: str, deployment: str, timeout_s: float = 30) -> list[int]:
+    def switch(self, upstream: str, deployment: str, model_version: str = "", timeout_s: float = 30) -> list[int]:
         """Point the endpoint at `upstream` without dropping a request; returns the pids of the old
         workers (pass them to `wait_drained` before stopping the old server)."""
         master = self.master()
         if master is None:
             raise GatewayError("the serving proxy is not running")
         old_workers = [p.pid for p in master.children()]
-        self._write(upstream, deployment)
+        self._write(upstream, deployment, model_version)
         os.kill(master.pid, 1)  # SIGHUP: re-read the config, graceful worker rollover
         # The master starts the new workers before it tells the old ones to stop accepting; until then
         # a new connection may still land on an old worker. Done = every old worker is shutting down.

@@ -196,6 +196,7 @@ class Kernel:
         self.namespace["plt"] = LazyModule("plt", "matplotlib.pyplot", self.namespace)
         self.images: list[bytes] = []
         self.dropped_images: list[str] = []
+        self.limit_notes: list[str] = []  # which limit refused the cell something, said in its notes
         self.limits = {"max_images": 10, "max_image_bytes": 4 << 20}
         self.execution_count = 0
         self.sources: dict[str, str] = {}
@@ -426,6 +427,8 @@ class Kernel:
                     tb_text = ipython_traceback(exc)
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything
             error = {"ename": type(exc).__name__, "evalue": str(exc)}
+            if isinstance(exc, BlockingIOError):  # fork/clone refused with EAGAIN: the sandbox's pids limit
+                self.limit_notes.append("a new process was refused (EAGAIN): the sandbox's process limit is reached")
             self._register_sources()
             tb_text = ipython_traceback(exc) if mode == "cell" else self._script_traceback(exc)
             return_code = 1
@@ -443,16 +446,28 @@ class Kernel:
             # SandboxFusion has one stderr: the traceback is part of it, as a script's would be.
             err.write(tb_text)
             tb_text = ""
+        notes = [*self.dropped_images, *self.limit_notes]
+        self.limit_notes = []
+        background = self.background()
+        if background and req.get("background") == "kill":
+            for leftover in background:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(leftover["pid"], signal.SIGKILL)
+            self._reap()
+            notes.append(f"killed {len(background)} background process(es) the cell left running")
+            background = []
         return {
             "id": req.get("id"),
             "status": "error" if error else "ok",
+            "background": background,
+            "max_rss_mb": self.max_rss_mb(),
             "stdout": out.getvalue(),
             "stderr": err.getvalue(),
             "traceback": tb_text[:cap],
             "result": result,
             "result_is_image": result_is_image,
             "images": [base64.b64encode(png).decode() for png in self.images],
-            "notes": self.dropped_images,
+            "notes": notes,
             "error": error,
             "execution_count": self.execution_count,
             "return_code": return_code,
@@ -590,6 +605,51 @@ class Kernel:
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
 
+    def background(self) -> list[dict[str, Any]]:
+        """Processes the kernel's cells started that are still running: pid, command and CPU seconds used,
+        read from /proc (every descendant of the kernel; in gVisor the kernel is init, so orphans are
+        its children too)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        stats: dict[int, tuple[int, float]] = {}  # pid -> (ppid, cpu seconds)
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == self.pid:
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z":
+                stats[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+        out = []
+        for pid in sorted(stats):
+            seen, at = set(), pid
+            while at in stats and at not in seen:
+                seen.add(at)
+                at = stats[at][0]
+            if at != self.pid:
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            out.append({"pid": pid, "cmd": cmd[:200], "cpu_s": round(stats[pid][1], 2)})
+        return out
+
+    @staticmethod
+    def max_rss_mb() -> float:
+        """The kernel's peak resident memory: the evidence an exit report cites before it blames the limit."""
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+    @staticmethod
+    def _reap() -> None:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+
     @staticmethod
     def _kill_all() -> None:
         """Stop and reap every other process in the sandbox (we are init: `kill(-1)` spares only us)."""
@@ -678,6 +738,10 @@ class Kernel:
                 continue
             if req.get("op") == "ping":
                 self._send({"id": req.get("id"), "pong": True})
+                continue
+            if req.get("op") == "stats":  # asked while idle: what the session's background processes use
+                self._reap()
+                self._send({"id": req.get("id"), "background": self.background()})
                 continue
             if req.get("op") == "warm":
                 self._send({"id": req.get("id"), **self.warm_up(req.get("modules", SESSION_PRELOAD))})

@@ -1,0 +1,175 @@
+"""What a finished pipeline run tells a person: the per-task comparison (an MLflow table on the pipeline
+run), the run summary (a Prefect markdown artifact on the top-level flow run) and the lineage card (the
+registered version's description). Pure renderers over the stages' typed results, plus the two calls
+that record them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from argus import tracking
+from argus.agent.evaluation import metrics_table
+from argus.events import fmt_duration
+from flows.context import RunContext
+from flows.results import DataRef, EvalReport, PipelineResult, RLResult, SFTResult, StageTiming
+from flows.runtime import artifact_key, mlflow_client
+
+
+def comparison(reports: dict[str, EvalReport]) -> dict[str, list[Any]]:
+    """One row per task: task, family, gold answer, then each evaluation's answer, reward and whether it
+    was right, in evaluation order (base, sft, rl); columns → values, as `MlflowClient.log_table` takes."""
+    first = next(iter(reports.values()))
+    rows: dict[str, dict[str, Any]] = {}
+    for r in first.tasks:  # the tasks in the suite's order
+        rows[r["task"]] = {"task": r["task"], "family": r["family"], "gold": r["gold"]}
+    for label, report in reports.items():
+        for r in report.tasks:
+            row = rows.setdefault(r["task"], {"task": r["task"], "family": r["family"], "gold": r["gold"]})
+            row[f"{label} answer"] = r["answer"]
+            row[f"{label} reward"] = round(float(r["reward"]), 3)
+            row[f"{label} correct"] = bool(r["accuracy"] >= 1.0)
+            row[f"{label} trace"] = r.get("trace_id")
+    columns = ["task", "family", "gold"] + [
+        f"{label} {what}" for label in reports for what in ("answer", "reward", "correct", "trace")
+    ]
+    return {c: [row.get(c) for row in rows.values()] for c in columns}
+
+
+def _markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, columns)) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def stage_rows(stages: list[StageTiming]) -> list[list[str]]:
+    """stage, state, wall, program: the one stage table (CLI and Prefect)."""
+    return [
+        [
+            s.stage,
+            "skipped (done earlier)" if s.cached else "ran",
+            fmt_duration(s.wall_s),
+            "" if s.cached else fmt_duration(s.work_s),
+        ]
+        for s in stages
+    ]
+
+
+def eval_section(reports: dict[str, EvalReport]) -> str:
+    columns, rows = metrics_table({label: report.metrics for label, report in reports.items()})
+    return _markdown_table(columns, rows)
+
+
+def run_summary(result: PipelineResult) -> str:
+    """The Prefect summary of a finished pipeline run (markdown)."""
+    reg = result.registered
+    lines = [
+        f"## Pipeline `{result.run_name}` of `{result.spec}`",
+        "",
+        f"**{reg.name} v{reg.version}** ({', '.join(reg.aliases)}): [{reg.url}]({reg.url})",
+    ]
+    if result.serving is not None:
+        lines.append(f"serving in {result.serving.to} at `{result.serving.endpoint_url}`")
+    lines += [
+        "",
+        f"### Evaluation ({result.base_eval.suite} suite; accuracy with its 95 % Wilson interval)",
+        "",
+        eval_section(result.evaluations),
+        "",
+        f"### Stages (total {fmt_duration(result.wall_s)}, orchestration {fmt_duration(result.overhead_s)})",
+        "",
+        _markdown_table(["stage", "state", "wall", "program"], stage_rows(result.stages)),
+        "",
+        "### Links",
+        "",
+        f"- MLflow pipeline run: [{result.mlflow_run_url}]({result.mlflow_run_url}) (per-task comparison: "
+        "Artifacts → `comparison/per_task.json`)",
+        *(
+            f"- {label} evaluation: [{r.mlflow_run_url}]({r.mlflow_run_url}) (one trace per task)"
+            for label, r in result.evaluations.items()
+        ),
+        f"- Prefect flow run: [{result.flow_run_url}]({result.flow_run_url})",
+    ]
+    return "\n".join(lines)
+
+
+def lineage_card(
+    *,
+    settings: Any,
+    experiment_id: str,
+    model_uri: str,
+    data: DataRef,
+    trained: SFTResult,
+    refined: RLResult | None,
+    reports: dict[str, EvalReport],
+    flow_run_url: str,
+    pipeline_run_url: str,
+    code_version: str,
+    repository: str | None,
+) -> str:
+    """The registered version's description: where it came from, in a few lines a reviewer can check."""
+
+    def run_link(run_id: str | None) -> str:
+        if not run_id:
+            return "(no run)"
+        url = tracking.mlflow_run_url(settings, experiment_id, run_id)
+        return f"[{run_id[:12]}]({url})"
+
+    lines = [
+        f"**Source** `{model_uri}`",
+        "",
+        "**Training**",
+        f"- SFT: run {run_link(trained.mlflow_run_id)}, {trained.steps or '?'} steps, `{trained.model_uri}`",
+    ]
+    if refined is not None:
+        lines.append(f"- RL (from the SFT model): run {run_link(refined.mlflow_run_id)}, {refined.steps or '?'} steps")
+    lines += [
+        f"- pipeline: [MLflow run]({pipeline_run_url}) · [Prefect flow run]({flow_run_url})",
+        "",
+        "**Data** (sha256)",
+        *(f"- {name}: `{digest[:16]}`" for name, digest in sorted(data.hashes.items())),
+        "",
+        "**Code** " + f"`{code_version}`" + (f" of {repository}" if repository else ""),
+        "",
+        f"**Evaluation** ({next(iter(reports.values())).suite} suite, accuracy [95 % interval])",
+        "",
+        eval_section(reports),
+    ]
+    return "\n".join(lines)
+
+
+# -- recording ---------------------------------------------------------------------------------------
+
+
+def record_datasets(ctx: RunContext, data: DataRef) -> None:
+    """The run's data as MLflow dataset inputs of the pipeline run (uri and content hash)."""
+    found = {
+        "sft": (data.sft, data.hashes.get("sft", ""), "training"),
+        "eval": (data.eval, data.hashes.get("eval", ""), "evaluation"),
+        **({"rl": (data.rl, data.hashes.get("rl", ""), "training")} if data.rl else {}),
+    }
+    tracking.log_datasets(mlflow_client(ctx.settings), ctx.mlflow_run_id, {k: v for k, v in found.items() if v[1]})
+
+
+def record_comparison(ctx: RunContext, reports: dict[str, EvalReport]) -> None:
+    """The per-task comparison as an MLflow table artifact of the pipeline run (MLflow appends to a
+    table file that exists, so a resumed run writes it afresh under its own name)."""
+    if not all(r.tasks for r in reports.values()):  # recorded before evaluations kept their tasks
+        return
+    client = mlflow_client(ctx.settings)
+    path = "comparison/per_task.json"
+    existing = {f.path for f in client.list_artifacts(ctx.mlflow_run_id, "comparison")}
+    if path in existing:
+        path = f"comparison/per_task-{ctx.flow_run_id[:8]}.json"
+    client.log_table(ctx.mlflow_run_id, data=comparison(reports), artifact_file=path)
+
+
+def record_summary(ctx: RunContext, result: PipelineResult) -> None:
+    """The run summary as a markdown artifact of the top-level flow run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        run_summary(result), key=artifact_key(ctx.run, "summary"), description=f"pipeline {ctx.run}: results"
+    )

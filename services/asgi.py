@@ -13,7 +13,12 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from http import HTTPStatus
 from typing import Any, TypeVar
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -143,3 +148,24 @@ class Timed:
             await self.app(scope, receive, sending)
         finally:
             self.observe(str(scope.get("path", "")), status, time.perf_counter() - started)
+
+
+class ErrorDetail(BaseModel):
+    """Every 4xx and 5xx answer of the services: the reason, in words."""
+
+    detail: str
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route's error answers, so that the document says what clients get."""
+
+    def phrase(code: int) -> str:
+        return HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else "Client Closed Request"  # 499
+
+    return {code: {"model": ErrorDetail, "description": phrase(code)} for code in codes}
+
+
+def validation_failed(exc: RequestValidationError) -> JSONResponse:
+    """A 422 in FastAPI's documented shape (loc, msg, type per error), without echoing the input back."""
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from argus.config import SandboxSettings
-from services.asgi import BodyLimit
+from services.asgi import BodyLimit, error_responses, validation_failed
 from services.sandbox import models as m
 from services.sandbox.metrics import SandboxMetrics
 from services.sandbox.pool import AtCapacity, Outcome, SessionNotFound, SessionPool
@@ -130,8 +130,7 @@ def create_app(settings: SandboxSettings | None = None, runner: Runner | None = 
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=422)
+        return validation_failed(exc)
 
     @app.exception_handler(AtCapacity)
     async def _full(_req: Request, exc: AtCapacity) -> JSONResponse:
@@ -162,7 +161,8 @@ def create_app(settings: SandboxSettings | None = None, runner: Runner | None = 
 
     # Empty code is answered as the reference answers it (its `output` is then a string).
     jupyter_responses: dict[int | str, dict[str, Any]] = {
-        200: {"description": "the cell ran (whatever it raised), or `Error: No code provided`"}
+        200: {"description": "the cell ran (whatever it raised), or `Error: No code provided`"},
+        **error_responses(400, 413, 429),  # 400: a body that is not JSON text
     }
 
     @app.post("/jupyter_sandbox", response_model=m.V1Response, responses=jupyter_responses)
@@ -179,13 +179,13 @@ def create_app(settings: SandboxSettings | None = None, runner: Runner | None = 
             return JSONResponse(NO_CODE)
         return render_v2(await run_cell(req.session_id, req.code, req.timeout, "jupyter_v2"))
 
-    @app.post("/clear_session")
+    @app.post("/clear_session", responses=error_responses(400, 413))
     async def clear_session(req: m.ClearSessionRequest) -> m.ClearSessionResponse:
         return m.ClearSessionResponse(cleared=await pool.close(req.session_id))
 
     # -- SandboxFusion ---------------------------------------------------------------------------------
 
-    @app.post("/run_code")
+    @app.post("/run_code", responses=error_responses(400, 413, 504))
     async def run_code(req: m.RunCodeRequest) -> m.RunCodeResponse:
         if req.language not in ("python", "bash"):
             raise HTTPException(400, f"language {req.language!r} is not supported (python, bash)")
@@ -244,7 +244,7 @@ def create_app(settings: SandboxSettings | None = None, runner: Runner | None = 
             background=[m.BackgroundProcess(**b) for b in s.background],
         )
 
-    @app.post("/v1/sessions", status_code=201)
+    @app.post("/v1/sessions", status_code=201, responses=error_responses(400, 409, 413, 429))
     async def create_session(req: m.CreateSessionRequest | None = None) -> m.SessionInfo:
         wanted = req.session_id if req else None
         if wanted is not None and wanted in pool.sessions:
@@ -256,7 +256,7 @@ def create_app(settings: SandboxSettings | None = None, runner: Runner | None = 
     async def list_sessions() -> list[m.SessionInfo]:
         return [info(sid) for sid in list(pool.sessions)]
 
-    @app.post("/v1/sessions/{session_id}/execute")
+    @app.post("/v1/sessions/{session_id}/execute", responses=error_responses(400, 404, 413, 429))
     async def execute(session_id: str, req: m.ExecuteRequest) -> m.ExecuteResponse:
         check_code(req.code)
         out = await pool.execute(
@@ -269,7 +269,7 @@ def create_app(settings: SandboxSettings | None = None, runner: Runner | None = 
         )
         return render_native(out)
 
-    @app.delete("/v1/sessions/{session_id}", status_code=204)
+    @app.delete("/v1/sessions/{session_id}", status_code=204, responses=error_responses(404))
     async def delete_session(session_id: str) -> Response:
         if not await pool.close(session_id):
             raise SessionNotFound(session_id)
@@ -279,7 +279,7 @@ def create_app(settings: SandboxSettings | None = None, runner: Runner | None = 
     async def healthz() -> m.Health:
         return m.Health(**pool.stats())
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

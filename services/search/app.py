@@ -17,7 +17,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from argus.config import SearchSettings
 from argus.data.search_index import image_phash
-from services.asgi import REPLACED_NOTE, BodyLimit, ClientGone, Timed, safe_text, unless_disconnected
+from services.asgi import (
+    REPLACED_NOTE,
+    BodyLimit,
+    ClientGone,
+    Timed,
+    error_responses,
+    safe_text,
+    unless_disconnected,
+    validation_failed,
+)
 from services.search import models as m
 from services.search.cache import CacheStore, RedisStore, make_store
 from services.search.metrics import SearchMetrics
@@ -58,10 +67,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(
-            {"detail": [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]},
-            status_code=422,
-        )
+        return validation_failed(exc)
 
     @app.exception_handler(ReplayMiss)
     async def _miss(_r: Request, exc: ReplayMiss) -> JSONResponse:
@@ -109,10 +115,12 @@ def create_app(
 
     def check_top_k(k: int) -> int:
         if k > settings.max_top_k:
-            raise HTTPException(422, f"top_k {k} is over the limit of {settings.max_top_k}")
+            raise HTTPException(400, f"top_k {k} is over the limit of {settings.max_top_k}")
         return k
 
-    @app.post("/v1/search")
+    search_errors = error_responses(400, 404, 413, 429, 499, 502, 503)
+
+    @app.post("/v1/search", responses=search_errors)
     async def search(request: Request, req: m.SearchRequest, run_id: str = RunId) -> m.SearchResponse:
         check_backend(req.backend)
         notes: list[str] = []
@@ -129,7 +137,7 @@ def create_app(
             notes=notes,
         )
 
-    @app.post("/v1/image_search")
+    @app.post("/v1/image_search", responses=search_errors)
     async def image_search(request: Request, req: m.ImageSearchRequest, run_id: str = RunId) -> m.ImageSearchResponse:
         check_backend(req.backend)
         if (req.image is None) == (req.key is None):
@@ -155,7 +163,7 @@ def create_app(
             backend=proxy.provider.name, cached=cached, results=results, rendered=render_images(results)
         )
 
-    @app.post("/retrieve")
+    @app.post("/retrieve", responses=search_errors)
     async def retrieve(request: Request, req: m.RetrieveRequest, run_id: str = RunId) -> m.RetrieveResponse:
         if len(req.queries) > settings.max_retrieve_queries:
             raise HTTPException(
@@ -189,7 +197,7 @@ def create_app(
             "cache_store": settings.cache_store,
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -10,6 +10,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 TopK = Annotated[int, Field(ge=1)]
+# No pattern constraint: pydantic's regex engine refuses a lone surrogate outright, where the proxy
+# replaces it and says so; blank and over-long queries get 400 at the route (the limit is a setting).
+Query = Annotated[str, Field(description="the search query: not blank, at most max_query_chars")]
 
 
 class WebResult(BaseModel):
@@ -28,7 +31,7 @@ class ImageResult(BaseModel):
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    query: str
+    query: Query
     top_k: TopK = 5
     backend: str | None = Field(None, description="must name the proxy's provider when given")
 
@@ -60,7 +63,7 @@ class ImageSearchResponse(BaseModel):
 class RetrieveRequest(BaseModel):
     """Search-R1's retriever request (verl search tool)."""
 
-    queries: list[str] = Field(min_length=1)
+    queries: list[Query] = Field(min_length=1)
     topk: TopK = 3
     return_scores: bool = False
 

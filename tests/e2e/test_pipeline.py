@@ -147,11 +147,15 @@ def test_quickstart_crash_resume_and_register(cli: Cli, stack_env: dict[str, str
             assert f"stage/{stage}/wall_s" in metrics, stage
         assert {d.dataset.name for d in pipeline.inputs.dataset_inputs} >= {"sft", "eval"}
         # The per-task comparison is a table artifact of the pipeline run, one row per eval task.
-        table = client.load_table(experiment.experiment_id, "comparison/per_task.json", [pipeline.info.run_id])
-        assert len(table) == 10 and {"gold", "base answer", "sft reward", "rl correct"} <= set(table.columns)
+        import json
+
+        table = json.loads(
+            Path(client.download_artifacts(pipeline.info.run_id, "comparison/per_task.json", str(tmp_path))).read_text()
+        )  # MLflow's table format: columns, and one row of values per task
+        assert len(table["data"]) == 10 and {"gold", "base answer", "sft reward", "rl correct"} <= set(table["columns"])
         # One trace per evaluated task, on its eval run, with the model's turns and its tool calls.
         eval_run = client.get_run(tags["argus.eval.sft.mlflow_run_id"])
-        assert eval_run.data.params["model_uri"] and eval_run.data.params["suite"] == "eval"
+        assert eval_run.data.params["model_uri"] and eval_run.data.params["suite"] == "mini"
         assert eval_run.info.end_time - eval_run.info.start_time > 5000  # it spans the evaluation
         traces = client.search_traces(locations=[experiment.experiment_id], run_id=eval_run.info.run_id)
         assert len(traces) == 10

@@ -487,7 +487,7 @@ def test_token_bucket_spaces_calls() -> None:
         ("/v1/search", {"query": ""}, 400, "query is empty"),
         ("/v1/search", {"query": "   "}, 400, "query is empty"),
         ("/v1/search", {"query": "x" * 5000}, 400, "the limit is 2048"),
-        ("/v1/search", {"query": "zorblat", "top_k": 500}, 422, "over the limit of 50"),
+        ("/v1/search", {"query": "zorblat", "top_k": 500}, 400, "over the limit of 50"),
         ("/v1/search", {"query": "zorblat", "top_k": 0}, 422, "greater than or equal to 1"),
         ("/v1/search", {"query": "zorblat", "backend": "bing"}, 400, "unknown backend 'bing'"),
         ("/v1/search", {"query": 42}, 422, "valid string"),

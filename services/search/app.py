@@ -175,9 +175,19 @@ def create_app(
         queries = [check_query(q, notes) for q in req.queries]
         top_k = check_top_k(req.topk)
         client = client_of(request, run_id)
+        found: list[Any] = [None] * len(queries)
+        pending = iter(enumerate(queries))
+
+        async def worker() -> None:
+            # A few workers per request, not one task per query: thousands of queries never flood the
+            # event loop, and each worker yields after every query (a cache hit never suspends).
+            for i, q in pending:
+                found[i] = await proxy.search(q, top_k, run_id, client)
+                await asyncio.sleep(0)
+
+        workers = asyncio.gather(*(worker() for _ in range(min(settings.client_concurrency, len(queries)))))
         # Queued searches of a client that has gone are cancelled, not left to run for nobody.
-        searches = asyncio.gather(*(proxy.search(q, top_k, run_id, client) for q in queries))
-        found = await unless_disconnected(request.is_disconnected, searches)
+        await unless_disconnected(request.is_disconnected, workers)
         out: list[list[dict[str, Any]]] = []
         for hits, _cached in found:
             docs = [{"id": h.doc_id, "contents": retrieval_contents(h.result)} for h in hits]

@@ -215,7 +215,8 @@ class OfflineProvider(SearchProvider):
                 score=score,
                 doc_id=d["id"],
             )
-            for d, score in self.index.search(query, k)
+            # In a thread: SQLite releases the GIL, and the event loop goes on serving other clients.
+            for d, score in await asyncio.to_thread(self.index.search, query, k)
         ]
 
     async def image_search(self, image: bytes | None, key: str | None, k: int) -> list[ImageResult]:

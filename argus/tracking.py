@@ -45,6 +45,7 @@ TRACE_TAG_FINISH = "argus.finish"  # answer | max_turns | invalid_action | polic
 TRACE_TAG_SOURCE = "argus.trace.source"  # eval | rl
 TRACE_TAG_LABEL = "argus.trace.label"  # the evaluation's label (base, sft, rl), or `step-N` of an RL run
 TRACE_TAG_MODEL = "argus.trace.model_uri"
+TAG_TRACES_ERROR = "argus.traces.error"  # on an eval run whose traces could not be written, and why
 
 # -- registered model versions -------------------------------------------------------------------------
 TAG_REGISTER_KEY = "argus.register.key"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -211,7 +211,7 @@ class EvalRun:
     eval_s: float
     sampled: dict[str, dict[str, float]] = field(default_factory=dict)  # pass@1 / pass@k per family
 
-    def report(self, tasks: list[Task], trace_ids: list[str] | None = None) -> dict[str, Any]:
+    def report(self, tasks: list[Task], trace_ids: Sequence[str | None] | None = None) -> dict[str, Any]:
         """Metrics and every trajectory as JSON (the MLflow artifact and `argus eval --out`): per task the
         question, gold answer, finish reason, reward, each message with its role, and each tool call with
         what it was asked, what it answered and its latency; images are in the task's trace."""
@@ -237,7 +237,7 @@ class EvalRun:
             ],
         }
 
-    def per_task(self, tasks: list[Task], trace_ids: list[str] | None = None) -> list[dict[str, Any]]:
+    def per_task(self, tasks: list[Task], trace_ids: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
         """One row per task: the evaluation's side of the pipeline's per-task comparison."""
         ids: list[str | None] = list(trace_ids) if trace_ids else [None] * len(self.trajectories)
         return [

@@ -146,6 +146,7 @@ class TraceWriter:
         self.assess = assess
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="argus-traces")
         self.pending: list[tuple[Future[str], Trajectory, Task]] = []
+        self.failures: list[str] = []  # episodes whose trace could not be written, and why
 
     def add(self, traj: Trajectory, task: Task) -> None:
         future = self.pool.submit(
@@ -153,23 +154,31 @@ class TraceWriter:
         )
         self.pending.append((future, traj, task))
 
-    def finish(self) -> list[str]:
-        """The trace ids, in the order the episodes were added (a trace that failed raises here)."""
+    def finish(self) -> list[str | None]:
+        """The trace ids, in the order the episodes were added; None where that episode's trace could not
+        be written (`failures` says why). Linking and assessments raise: they fail for all or none."""
         import mlflow
 
         try:
-            written = [(future.result(), traj, task) for future, traj, task in self.pending]
+            results: list[str | None] = []
+            for future, _traj, task in self.pending:
+                try:
+                    results.append(future.result())
+                except Exception as exc:  # noqa: BLE001 - one bad episode does not hide the others
+                    results.append(None)
+                    self.failures.append(f"{task.id}: {exc}")
         finally:
             self.pool.shutdown(wait=True)
         mlflow.flush_trace_async_logging()
+        written = [(i, t, task) for i, (_f, t, task) in zip(results, self.pending, strict=True) if i is not None]
         ids = [trace_id for trace_id, _t, _task in written]
         if self.run_id:
             client = mlflow.MlflowClient()
-            for i in range(0, len(ids), LINK_BATCH):
-                client.link_traces_to_run(ids[i : i + LINK_BATCH], self.run_id)
+            for n in range(0, len(ids), LINK_BATCH):
+                client.link_traces_to_run(ids[n : n + LINK_BATCH], self.run_id)
         if self.assess:
             _assess(written)
-        return ids
+        return results
 
 
 def _assess(written: list[tuple[str, Trajectory, Task]]) -> None:
@@ -212,9 +221,9 @@ def log_trajectories(
     run_id: str | None,
     tags: dict[str, str],
     assess: bool = True,
-) -> list[str]:
+) -> list[str | None]:
     """Write each (trajectory, task) as a trace, link them to `run_id`, and record the assessments;
-    returns the trace ids in order."""
+    returns the trace ids in order (None where one could not be written)."""
     writer = TraceWriter(experiment_id=experiment_id, run_id=run_id, tags=tags, assess=assess)
     for traj, task in episodes:
         writer.add(traj, task)

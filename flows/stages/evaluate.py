@@ -195,8 +195,15 @@ def run_eval(
             )
         finally:
             backend.close()
-        written = dict(zip((task.id for _f, _t, task in traces.pending), traces.finish(), strict=True))
-        trace_ids = [written[t.id] for t in tasks]
+        try:
+            written = dict(zip((task.id for _f, _t, task in traces.pending), traces.finish(), strict=True))
+            problems = traces.failures
+        except Exception as exc:  # noqa: BLE001 - the figures stand without their traces; say so on the run
+            written, problems = {}, [str(exc)]
+        if problems:
+            log.warning("%s: %d traces were not written: %s", label, len(problems), problems[0])
+            client.set_tag(run_id, tracking.TAG_TRACES_ERROR, "; ".join(problems)[:500])
+        trace_ids: list[str | None] = [written.get(t.id) for t in tasks]
         metrics = {k: v for name_, m in result.summary.items() for k, v in m.flat(name_).items()}
         metrics.update({f"{family}/{k}": v for family, rates in result.sampled.items() for k, v in rates.items()})
         metrics.update({"time/serve_s": result.serve_s, "time/eval_s": result.eval_s})

@@ -325,16 +325,19 @@ class RLTrainer(DeepSpeedTrainer):
         """A sample of the step's episodes (rank 0's first `limit` that finished) as MLflow traces on the
         run: the same traces an evaluation writes, tagged with the step."""
         sample = [(t, ep.task) for ep in episodes if (t := ep.trajectory) is not None][:limit]
-        log_trajectories(
-            sample,
-            experiment_id=tracker.experiment_id,
-            run_id=tracker.run_id,
-            tags={
-                tracking.TRACE_TAG_SOURCE: "rl",
-                tracking.TRACE_TAG_LABEL: f"step-{step}",
-                tracking.TRACE_TAG_MODEL: self.job.model,
-            },
-        )
+        try:
+            log_trajectories(
+                sample,
+                experiment_id=tracker.experiment_id,
+                run_id=tracker.run_id,
+                tags={
+                    tracking.TRACE_TAG_SOURCE: "rl",
+                    tracking.TRACE_TAG_LABEL: f"step-{step}",
+                    tracking.TRACE_TAG_MODEL: self.job.model,
+                },
+            )
+        except Exception as exc:  # noqa: BLE001 - a sample that cannot be shown is no reason to stop training
+            log.warning("step %d: the rollout traces were not written: %s", step, exc)
 
     def export_record(self) -> dict[str, Any]:
         return {"stage": "rl", "start_model": self.job.model, "start_record": self.start_record}

@@ -18,10 +18,7 @@ from flows.runtime import artifact_key, mlflow_client
 def comparison(reports: dict[str, EvalReport]) -> dict[str, list[Any]]:
     """One row per task: task, family, gold answer, then each evaluation's answer, reward and whether it
     was right, in evaluation order (base, sft, rl); columns → values, as `MlflowClient.log_table` takes."""
-    first = next(iter(reports.values()))
-    rows: dict[str, dict[str, Any]] = {}
-    for r in first.tasks:  # the tasks in the suite's order
-        rows[r["task"]] = {"task": r["task"], "family": r["family"], "gold": r["gold"]}
+    rows: dict[str, dict[str, Any]] = {}  # in the suite's order: the first evaluation's
     for label, report in reports.items():
         for r in report.tasks:
             row = rows.setdefault(r["task"], {"task": r["task"], "family": r["family"], "gold": r["gold"]})

@@ -257,6 +257,11 @@ class AgentEnv:
         return prompts.search_observation(text), images
 
 
+def image_part(image: bytes) -> dict[str, Any]:
+    """A PNG as an OpenAI `image_url` content part with a data URI."""
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}}
+
+
 def with_images(messages: list[Message], images: list[bytes]) -> list[Message]:
     """The conversation in OpenAI's multimodal chat format: each `<image>` placeholder, in order, becomes
     an `image_url` part with the next image as a PNG data URI (what a vision model is sent, and what
@@ -266,8 +271,7 @@ def with_images(messages: list[Message], images: list[bytes]) -> list[Message]:
         parts: list[dict[str, Any]] = []
         for i, piece in enumerate(m["content"].split("<image>")):
             if i > 0 and k < len(images):
-                url = "data:image/png;base64," + base64.b64encode(images[k]).decode()
-                parts.append({"type": "image_url", "image_url": {"url": url}})
+                parts.append(image_part(images[k]))
                 k += 1
             if piece:
                 parts.append({"type": "text", "text": piece})

@@ -1,14 +1,15 @@
 """Trajectories as MLflow traces: one trace per episode, written after the episode with its real timings.
 
 The trace follows MLflow 3's conventions so that its UI shows it as an agent run: an `AGENT` root span
-whose inputs are the opening messages and whose outputs are the whole conversation in OpenAI's chat
-format (the Chat tab renders it, with every image inline: MLflow moves each `data:` URI into a trace
-attachment in the artifact store), a `CHAT_MODEL` span per model turn and a `TOOL` span per tool call
-(the code or query, stdout/stderr or results, the images it returned, its latency, and ERROR status
-when it failed). The question, gold answer, finish reason and reward breakdown are on the root span;
-the gold answer is also an expectation and the reward and accuracy are feedback, so the Traces tab
-shows them as assessment columns. Tags (`argus.task_id`, `argus.family`, `argus.accuracy`,
-`argus.reward`, ...) make traces searchable, and each trace is linked to the run it belongs to.
+whose inputs are the opening messages (with the task image) and whose outputs are the agent's turns and
+the tools' answers in OpenAI's chat format (the UI renders both as a chat, every image inline: MLflow
+moves each `data:` URI into a trace attachment in the artifact store), a `CHAT_MODEL` span per model
+turn and a `TOOL` span per tool call (the code or query, stdout/stderr or results, the images it
+returned, its latency, and ERROR status when it failed). The question, gold answer, finish reason and
+reward breakdown are on the root span; the gold answer is also an expectation and the reward and
+accuracy are feedback, so the Traces tab shows them as assessment columns. Tags (`argus.task_id`,
+`argus.family`, `argus.accuracy`, `argus.reward`, ...) make traces searchable, and each trace is linked
+to the run it belongs to.
 
 Spans are created detached (`start_span_no_context`) with the recorded start and end times, so writing
 traces never sits inside the episode's own timing.
@@ -16,24 +17,16 @@ traces never sits inside the episode's own timing.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from argus import tracking
-from argus.agent.env import Trajectory, with_images
+from argus.agent.env import Trajectory, image_part, with_images
 from argus.agent.task import Task
 
-LINK_BATCH = 100
-ASSESS_THREADS = 8  # MlflowClient.link_traces_to_run takes at most 100 trace ids a call
-
-
-def _image_parts(images: Sequence[bytes]) -> list[dict[str, Any]]:
-    return [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(i).decode()}}
-        for i in images
-    ]
+LINK_BATCH = 100  # MlflowClient.link_traces_to_run takes at most 100 trace ids a call
+ASSESS_THREADS = 8
 
 
 def log_trajectory(
@@ -128,7 +121,7 @@ def _tool_span(root: Any, call: Any, images: Sequence[bytes]) -> None:
     if call.tool != "python":
         outputs["results"] = call.stdout
     if call.images:
-        outputs["images"] = _image_parts([images[i] for i in call.images if i < len(images)])
+        outputs["images"] = [image_part(images[i]) for i in call.images if i < len(images)]
     if call.detail:
         outputs["error"] = call.detail
     span.end(outputs=outputs, status="OK" if call.ok else "ERROR", end_time_ns=call.end_ns or None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from argus import tracking
@@ -10,17 +12,26 @@ from argus.config import PipelineSpec, RLJobConfig, SFTJobConfig, StackSettings,
 
 
 def base_model_uri(spec: PipelineSpec, settings: StackSettings) -> str:
-    """The spec's base model; a tiny model (`init_tiny`) is built once under `<home>/models`."""
+    """The spec's base model; a tiny model (`init_tiny`) is built once under `<home>/models`.
+
+    It is built in a sibling `.partial` directory and renamed into place whole: files are written one by
+    one (`config.json` before the weights), so a build killed half way must not leave a directory that
+    looks built. A leftover `.partial` is discarded and the build starts again.
+    """
     if spec.model.base.uri is not None:
         return spec.model.base.uri
-    from argus.models.tiny import init_tiny
+    from argus.models import tiny
 
     arch = spec.model.base.init_tiny
     assert arch is not None  # the spec model requires uri or init_tiny
     size = spec.model.base.tiny_size
     path = settings.home / "models" / f"tiny-{arch}-{size}-seed{spec.sft.seed}"
     if not (path / "config.json").exists():
-        init_tiny(arch, str(path), seed=spec.sft.seed, size=size)
+        partial = path.with_name(path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        tiny.init_tiny(arch, str(partial), seed=spec.sft.seed, size=size)
+        shutil.rmtree(path, ignore_errors=True)  # an incomplete directory from before this rule
+        os.replace(partial, path)
     return str(path)
 
 

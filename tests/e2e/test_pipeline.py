@@ -30,8 +30,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 def _quickstart(tmp_path: Path, **sft: object) -> Path:
     spec = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     spec["sft"].update(sft)
-    # The first 10 of the 60 eval tasks keep the test shorter; training is exactly the quickstart's.
-    spec["eval"]["suites"][0]["limit"] = 10
+    # The first 10 of the 150 eval tasks keep the test shorter; training is exactly the quickstart's. The
+    # learning curve and pass@k stay on, on fewer tasks: one curve point at the last step, 2 samples of 3.
+    spec["eval"]["suites"][0].update(limit=10, samples=2, sample_limit=3)
+    spec["sft"]["curve"].update(every_steps=10_000, tasks=3)
     path = tmp_path / "quickstart.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -168,6 +170,10 @@ def test_quickstart_crash_resume_and_register(cli: Cli, stack_env: dict[str, str
         # The SFT run carries the training metrics and links back to the Prefect flow run.
         run = client.get_run(tags["argus.sft.mlflow_run_id"])
         assert "train/loss" in run.data.metrics or "loss" in run.data.metrics
+        # Its learning curve: held-out accuracy and format rate by family, logged while it trained.
+        assert {"curve/overall/accuracy", "curve/overall/format_rate"} <= set(run.data.metrics)
+        # Sampled evaluation of the trained models (not of the base): pass@1 and pass@k at temperature 1.
+        assert {"overall/pass_at_1", "overall/pass_at_2"} <= set(eval_run.data.metrics), eval_run.data.metrics
         assert run.data.tags.get("argus.prefect.flow_run_id")
 
         runs = cli("runs", "list").stdout

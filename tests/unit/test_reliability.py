@@ -54,3 +54,41 @@ def test_safe_text_replaces_only_unpaired_surrogates() -> None:
     assert safe_text("a\ud800b") == ("a\ufffdb", True)
     assert safe_text("emoji 😀 and ü") == ("emoji 😀 and ü", False)
     json.dumps(safe_text("\udfff")[0], ensure_ascii=False).encode()  # encodes now
+
+
+@pytest.mark.reliability
+def test_a_tiny_model_build_killed_half_way_is_not_taken_for_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from argus.backends.jobs import base_model_uri
+    from argus.models import tiny
+    from argus.specfile import load_spec
+
+    spec = load_spec(Path(__file__).parents[2] / "examples" / "quickstart.yaml")
+    settings = StackSettings(home=tmp_path)
+    builds: list[str] = []
+
+    def crashes_after_the_config(arch: str, out: str, **_kw: object) -> list[str]:
+        builds.append(out)
+        Path(out).mkdir(parents=True)
+        (Path(out) / "config.json").write_text("{}")  # the first file written, before the weights
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny, "init_tiny", crashes_after_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        base_model_uri(spec, settings)
+    # Only the partial build is there: nothing under the name the next run would take as built.
+    assert [p.name.endswith(".partial") for p in (tmp_path / "models").iterdir()] == [True]
+
+    def builds_whole(arch: str, out: str, **_kw: object) -> list[str]:
+        builds.append(out)
+        Path(out).mkdir(parents=True)
+        for name in ("config.json", "model.safetensors"):
+            (Path(out) / name).write_text("x")
+        return []
+
+    monkeypatch.setattr(tiny, "init_tiny", builds_whole)
+    built = Path(base_model_uri(spec, settings))
+    assert sorted(p.name for p in built.iterdir()) == ["config.json", "model.safetensors"]
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [built.name]  # no .partial left
+    assert base_model_uri(spec, settings) == str(built) and len(builds) == 2  # built once, then reused

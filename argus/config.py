@@ -78,7 +78,9 @@ class ModelSource(StrictModel):
 
     uri: Uri | None = None
     init_tiny: Literal["qwen2", "qwen2_5_vl"] | None = None
-    tiny_size: Literal["nano", "small"] = Field("nano", description="with init_tiny: nano (tests) or small")
+    tiny_size: Literal["nano", "mini", "small"] = Field(
+        "nano", description="with init_tiny: nano (tests), mini (the quickstart: pre-trained to copy) or small"
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
@@ -144,6 +146,8 @@ class OptimSpec(StrictModel):
     warmup_ratio: Fraction = 0.03
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = Field(1.0, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="0.95 is the usual choice for small models and RL")
 
 
 class CheckpointSpec(StrictModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +37,20 @@ class S3Uri:
 
 
 def s3_client(settings: StackSettings, *, timeout_s: float = 10.0) -> S3Client:
+    """A client for the settings' object store. Clients are made once per endpoint and credentials and
+    shared (boto3 clients are thread-safe): making one costs ~20 ms, which a write per file paid before,
+    a minute over the quickstart's 3,500 data files."""
+    return _client(settings.s3_url, settings.s3_access_key, settings.s3_secret_key, settings.s3_region, timeout_s)
+
+
+@functools.lru_cache(maxsize=16)
+def _client(url: str, key: str, secret: str, region: str, timeout_s: float) -> S3Client:
     return boto3.client(
         "s3",
-        endpoint_url=settings.s3_url,
-        aws_access_key_id=settings.s3_access_key,
-        aws_secret_access_key=settings.s3_secret_key,
-        region_name=settings.s3_region,
+        endpoint_url=url,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        region_name=region,
         config=BotoConfig(
             # Path-style works with moto, MinIO and S3 alike; virtual hosts need DNS we do not have locally.
             s3={"addressing_style": "path"},

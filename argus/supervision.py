@@ -41,6 +41,21 @@ import psutil
 from pydantic import BaseModel
 
 
+def start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (/proc/PID/stat, field 22); None if it is gone.
+
+    This is the identity to compare, not psutil's `create_time`: that one is boot time plus these ticks,
+    and the kernel derives boot time from the wall clock, so it moves whenever the clock is stepped (a
+    virtual machine paused and resumed: seen here, where every stack component was then taken for a
+    stranger that had reused its pid, and killed and restarted)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: the fields start after its last ')'.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
 class ProcessRecord(BaseModel):
     """Enough to find a process we started again later, from another process, without pid reuse risk."""
 
@@ -49,11 +64,24 @@ class ProcessRecord(BaseModel):
     create_time: float
     cmd: list[str]
     log: str | None = None
+    ticks: int | None = None  # `start_ticks` where /proc has it: what identity is checked against
+
+    def _same(self, pid: int, create_time: float, *, or_newer: bool = False) -> bool:
+        """Whether `pid` (started at `create_time`) is this record's process (or, with `or_newer`, one
+        started no earlier than it)."""
+        if self.ticks is not None:
+            ticks = start_ticks(pid)
+            if ticks is None:
+                return False
+            return ticks >= self.ticks if or_newer else ticks == self.ticks
+        if or_newer:
+            return create_time + 0.5 >= self.create_time
+        return abs(create_time - self.create_time) <= 0.5
 
     def alive(self) -> bool:
         try:
             proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) > 0.5:
+            if not self._same(self.pid, proc.create_time()):
                 return False
             return bool(proc.status() != psutil.STATUS_ZOMBIE)
         except psutil.Error:
@@ -68,7 +96,7 @@ class ProcessRecord(BaseModel):
                 if (
                     os.getpgid(proc.pid) == self.pgid
                     and proc.status() != psutil.STATUS_ZOMBIE
-                    and proc.create_time() + 0.5 >= self.create_time
+                    and self._same(proc.pid, proc.create_time(), or_newer=True)
                 ):
                     members.append(proc)
             except (ProcessLookupError, psutil.Error, PermissionError):
@@ -114,6 +142,7 @@ def spawn(
         create_time=psutil.Process(popen.pid).create_time(),
         cmd=list(cmd),
         log=str(log_path) if log_path else None,
+        ticks=start_ticks(popen.pid),
     )
     return popen, record
 

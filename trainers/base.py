@@ -173,16 +173,17 @@ class DeepSpeedTrainer:
         spec = self.spec
         optim = spec.optim
         optimizer: torch.optim.Optimizer
+        betas = (optim.adam_beta1, optim.adam_beta2)
         if spec.deepspeed.offload_optimizer:
             # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU Adam(W) is the one it
             # is built for (and the one it accepts by default).
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer = DeepSpeedCPUAdam(
-                model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, adamw_mode=True
+                model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, adamw_mode=True, betas=betas
             )
         else:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, betas=betas)
         warmup = int(optim.warmup_ratio * total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim.scheduler, warmup, total_steps))
         self.engine, self.optimizer, _, self.scheduler = self.deepspeed.initialize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from argus import tracking
@@ -11,7 +12,11 @@ from argus.backends.base import ToolEndpoints, TrainingJob
 from argus.config import PipelineSpec, RLJobConfig, SFTJobConfig, StackSettings, TrainingJobSpec
 
 
-def base_model_uri(spec: PipelineSpec, settings: StackSettings) -> str:
+def base_model_uri(
+    spec: PipelineSpec,
+    settings: StackSettings,
+    on_progress: Callable[[int, float], None] = lambda _step, _accuracy: None,
+) -> str:
     """The spec's base model; a tiny model (`init_tiny`) is built once under `<home>/models`.
 
     It is built in a sibling `.partial` directory and renamed into place whole: files are written one by
@@ -25,11 +30,13 @@ def base_model_uri(spec: PipelineSpec, settings: StackSettings) -> str:
     arch = spec.model.base.init_tiny
     assert arch is not None  # the spec model requires uri or init_tiny
     size = spec.model.base.tiny_size
-    path = settings.home / "models" / f"tiny-{arch}-{size}-seed{spec.sft.seed}"
+    # The recipe's version is in the name: a model built by an older recipe (tokenizer, pre-training) is
+    # never taken for today's.
+    path = settings.home / "models" / f"tiny-{arch}-{size}-seed{spec.sft.seed}-{tiny.RECIPE}"
     if not (path / "config.json").exists():
         partial = path.with_name(path.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        tiny.init_tiny(arch, str(partial), seed=spec.sft.seed, size=size)
+        tiny.init_tiny(arch, str(partial), seed=spec.sft.seed, size=size, on_progress=on_progress)
         shutil.rmtree(path, ignore_errors=True)  # an incomplete directory from before this rule
         os.replace(partial, path)
     return str(path)

@@ -25,6 +25,9 @@ from PIL import Image, ImageDraw
 
 from argus.agent.task import Task
 
+# Names the suite's design (questions, gold turns, entity pools): part of the key of a generated suite, so a
+# change here generates anew instead of reusing a suite made the old way.
+SUITE_VERSION = 2
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "blue": (40, 70, 220),
@@ -35,7 +38,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 CELL = 40
 GRID = 4
 FAMILY_MIX = (("perception", 0.35), ("reasoning", 0.2), ("search", 0.25), ("integrated", 0.2))
-_SYLLABLES = [
+SYLLABLES = [
     "vor",
     "lan",
     "thi",
@@ -68,6 +71,12 @@ def png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG", optimize=False)
     return buf.getvalue()
+
+
+# The thought of an answer turn after code: the answer is copied from the code's output, once. (Saying the
+# value in the thought first copies it twice, and a word after a space is another token than the same
+# word at the start of a line: " green" in a thought is not the "green" of the output.)
+READ_OUTPUT = "The code printed the answer."
 
 
 def think(text: str) -> str:
@@ -131,14 +140,23 @@ class MiniTask:
 
 
 def make_entities(rng: random.Random, n: int) -> list[Entity]:
+    """`n` entities with distinct names; no name is also a region's (a search for one would find both)."""
     names: set[str] = set()
+    regions: set[str] = set()
+
+    def word(syllables: tuple[int, ...]) -> str:
+        return "".join(rng.choice(SYLLABLES) for _ in range(rng.choice(syllables))).capitalize()
+
     out: list[Entity] = []
     while len(out) < n:
-        name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
-        if name in names:
+        name = word((2, 3))
+        if name in names or name in regions:
             continue
+        region = word((2,))
+        while region in names or region == name:
+            region = word((2,))
         names.add(name)
-        region = "".join(rng.choice(_SYLLABLES) for _ in range(2)).capitalize()
+        regions.add(region)
         out.append(
             Entity(
                 name=name,
@@ -204,7 +222,7 @@ class TaskFactory:
                         f"the centre of every cell and count the {colour} ones.",
                         _count_code(colour),
                     ),
-                    answer_turn(f"The code counted {n} {colour} shapes.", str(n)),
+                    answer_turn(READ_OUTPUT, str(n)),
                 ],
             )
         if kind == "colour":
@@ -215,17 +233,16 @@ class TaskFactory:
                 image=png(img),
                 answer=colour,
                 question=f"What colour is the shape in row {r + 1}, column {c + 1} of the grid "
-                f"(rows and columns counted from 1, top left)?",
+                "(rows and columns counted from one, top left)?",
             )
             return MiniTask(
                 task,
                 [
                     code_turn(
-                        f"I will read the pixel at the centre of row {r + 1}, column {c + 1} and match it to "
-                        "the nearest named colour.",
+                        "I will read the pixel at the centre of that cell and match it to the nearest named colour.",
                         _colour_code(r, c),
                     ),
-                    answer_turn(f"The centre pixel is {colour}.", colour),
+                    answer_turn(READ_OUTPUT, colour),
                 ],
             )
         return self._measure()
@@ -256,7 +273,7 @@ class TaskFactory:
                 code_turn(
                     f"I will find the {colour} pixels, crop the bar out and measure its width.", _measure_code(colour)
                 ),
-                answer_turn(f"The cropped {colour} bar is {widths[colour]} pixels wide.", str(widths[colour])),
+                answer_turn(READ_OUTPUT, str(widths[colour])),
             ],
         )
 
@@ -271,16 +288,16 @@ class TaskFactory:
             image=png(img),
             answer=str(result),
             answer_type="number",
-            question=f"What is {a} * {b} - {c}?",
+            question=f"What is {a}*{b}-{c}?",
         )
         return MiniTask(
             task,
             [
                 code_turn(
                     "This multiplication is too long to do reliably in my head; I will compute it.",
-                    f"print({a} * {b} - {c})",
+                    f"print({a}*{b}-{c})",
                 ),
-                answer_turn(f"The result is {result}.", str(result)),
+                answer_turn(READ_OUTPUT, str(result)),
             ],
         )
 
@@ -298,11 +315,8 @@ class TaskFactory:
         return MiniTask(
             task,
             [
-                tool_turn(
-                    f"I do not know {e.name}; I will search for it.",
-                    {"name": "search", "arguments": {"query": f"{e.name} founded"}},
-                ),
-                answer_turn(f"The search result says {e.name} was founded in {e.founded}.", str(e.founded)),
+                tool_turn("I do not know this place; I will search for its history.", _history(e)),
+                answer_turn(f"It was founded in {e.founded}.", str(e.founded)),
             ],
         )
 
@@ -320,20 +334,16 @@ class TaskFactory:
             image=png(img),
             answer=str(result),
             answer_type="number",
-            question=f"Multiply the number of {colour} shapes in the image by the year {e.name} was founded.",
+            question=f"Multiply the number of {colour} shapes in the image by the founding year of {e.name}.",
         )
         return MiniTask(
             task,
             [
                 code_turn(f"First I count the {colour} shapes with code.", _count_code(colour)),
-                tool_turn(
-                    f"There are {n} {colour} shapes. Now I need the founding year of {e.name}.",
-                    {"name": "search", "arguments": {"query": f"{e.name} founded"}},
-                ),
-                code_turn(
-                    f"{e.name} was founded in {e.founded}. I will multiply with code.", f"print({n} * {e.founded})"
-                ),
-                answer_turn(f"{n} times {e.founded} is {result}.", str(result)),
+                tool_turn("Now I need the founding year; I will search for its history.", _history(e)),
+                # `count` is still defined in the kernel: the session keeps state across turns.
+                code_turn(f"It was founded in {e.founded}. I multiply the count by it.", f"print(count*{e.founded})"),
+                answer_turn(READ_OUTPUT, str(result)),
             ],
         )
 
@@ -354,11 +364,8 @@ class TaskFactory:
                     "I cannot recognise this emblem myself; an image search should identify it.",
                     {"name": "image_search"},
                 ),
-                tool_turn(
-                    f"The closest match is the emblem of {e.name}. Now I search for when it was founded.",
-                    {"name": "search", "arguments": {"query": f"{e.name} founded"}},
-                ),
-                answer_turn(f"{e.name} was founded in {e.founded}.", str(e.founded)),
+                tool_turn(f"The closest match is the emblem of {e.name}; I will search for its history.", _history(e)),
+                answer_turn(f"It was founded in {e.founded}.", str(e.founded)),
             ],
         )
 
@@ -369,6 +376,14 @@ class TaskFactory:
             "search": self.search,
             "integrated": self.integrated,
         }[family]()
+
+
+def _history(e: Entity) -> dict[str, Any]:
+    """The search call of the gold turns. The query names only the entity, so the one document about it
+    answers (every document says "founded", so a query with that word lists four strangers beside it),
+    and the name follows " of" as in the question and the image-search titles: copied, it is the same
+    tokens."""
+    return {"name": "search", "arguments": {"query": f"history of {e.name}"}}
 
 
 def _count_code(colour: str) -> str:
@@ -387,10 +402,13 @@ def _count_code(colour: str) -> str:
 
 
 def _colour_code(r: int, c: int) -> str:
+    # Row and column as the question gives them (counted from 1), so the code copies them.
     return (
         "import numpy as np\n"
         f"palette = {PALETTE!r}\n"
-        f"pixel = np.array(image_1.convert('RGB').getpixel(({c * CELL + CELL // 2}, {r * CELL + CELL // 2})))\n"
+        f"r, c = {r + 1}, {c + 1}\n"
+        f"x, y = (c - 1) * {CELL} + {CELL // 2}, (r - 1) * {CELL} + {CELL // 2}\n"
+        "pixel = np.array(image_1.convert('RGB').getpixel((x, y)))\n"
         "print(min(palette, key=lambda name: np.abs(np.array(palette[name]) - pixel).sum()))"
     )
 
@@ -427,10 +445,14 @@ class Suite:
     """The entities SFT and RL tasks ask about; the eval split asks about the others only."""
 
 
-def build_suite(seed: int, sft_size: int, rl_size: int, eval_size: int, n_entities: int = 60) -> Suite:
+def build_suite(seed: int, sft_size: int, rl_size: int, eval_size: int) -> Suite:
+    """The three splits of a seed. Training tasks (SFT and RL) ask about one pool of entities, about as
+    many as they have tasks, and the eval split about another: a model cannot learn the facts of a few
+    dozen entities by heart and must read them from the search results, as on held-out entities."""
     rng = random.Random(seed)
-    entities = make_entities(rng, n_entities)
-    train_entities, eval_entities = entities[: n_entities * 2 // 3], entities[n_entities * 2 // 3 :]
+    n_train, n_eval = max(40, sft_size + rl_size), max(20, eval_size)
+    entities = make_entities(rng, n_train + n_eval)
+    train_entities, eval_entities = entities[:n_train], entities[n_train:]
     splits: dict[str, list[MiniTask]] = {}
     for name, size, pool in (
         ("sft", sft_size, train_entities),

@@ -351,7 +351,11 @@ def _self_record() -> supervision.ProcessRecord:
 
     me = psutil.Process()
     return supervision.ProcessRecord(
-        pid=me.pid, pgid=os.getpgid(me.pid), create_time=me.create_time(), cmd=me.cmdline()
+        pid=me.pid,
+        pgid=os.getpgid(me.pid),
+        create_time=me.create_time(),
+        cmd=me.cmdline(),
+        ticks=supervision.start_ticks(me.pid),
     )
 
 

@@ -17,6 +17,7 @@ from prefect import get_run_logger, task
 
 from argus import tracking
 from argus.config import PipelineSpec
+from argus.data.tasks import SUITE_VERSION
 from argus.storage import fingerprint, join_uri, read_uri
 from flows.context import RunContext
 from flows.results import DataRef, cache_key
@@ -25,7 +26,7 @@ from flows.runtime import make_backend, stack_settings, transient
 
 def _data_key(_ctx: Any, p: dict[str, Any]) -> str:
     spec: PipelineSpec = p["spec"]
-    return cache_key("data", spec.name, spec.data.model_dump(mode="json"), spec.prompt)
+    return cache_key("data", spec.name, spec.data.model_dump(mode="json"), spec.prompt, SUITE_VERSION)
 
 
 @task(
@@ -54,8 +55,7 @@ def prepare_data(spec: PipelineSpec) -> DataRef:
         )  # fmt: skip
     from argus.data.generate import generate
 
-    # The default prompt keeps the key it always had, so a suite generated before the setting is found.
-    key = gen.model_dump() if spec.prompt == "deepeyesv2" else {**gen.model_dump(), "prompt": spec.prompt}
+    key = {**gen.model_dump(), "prompt": spec.prompt, "suite": SUITE_VERSION}
     root = f"s3://{settings.bucket_data}/{spec.name}/{cache_key('generated', key)[-16:]}"
     try:
         manifest = json.loads(read_uri(join_uri(root, "manifest.json"), settings))

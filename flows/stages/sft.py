@@ -8,9 +8,10 @@ trainer's own metrics, nested under the pipeline's run.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from argus.backends.base import ToolEndpoints
 from argus.backends.jobs import base_model_uri, sft_job
@@ -63,10 +64,29 @@ def train_sft(
     return run_job(spec, run_name, job, "sft")
 
 
+@task(name="base-model")
+def build_base_model(spec: PipelineSpec) -> tuple[str, str]:
+    """The spec's base model and its content fingerprint. A tiny model is built once per state directory,
+    its copy pre-training (the `mini` size) reported in the flow's log as it goes."""
+    log = get_run_logger()
+    settings = stack_settings()
+    last = [0.0]
+
+    def progress(step: int, accuracy: float) -> None:
+        if time.monotonic() - last[0] > 10:
+            last[0] = time.monotonic()
+            log.info("copy pre-training of the tiny base: step %d, copy accuracy %.3f", step, accuracy)
+
+    uri = base_model_uri(spec, settings, progress)
+    return uri, fingerprint(uri, settings)
+
+
 def base_model(ctx: RunContext) -> tuple[str, str]:
-    """The spec's base model (built once when it is a tiny model) and its content fingerprint."""
-    uri = base_model_uri(ctx.spec, ctx.settings)
-    return uri, fingerprint(uri, ctx.settings)
+    with ctx.stage("base-model") as clock:
+        started = time.monotonic()
+        uri, digest = build_base_model(ctx.spec)
+        clock.work_s = time.monotonic() - started
+    return uri, digest
 
 
 def run(ctx: RunContext, data: DataRef, base: tuple[str, str], tools: ToolEndpoints) -> SFTResult:

@@ -408,6 +408,8 @@ class EvalSuite(StrictModel):
     limit: int | None = Field(None, ge=1, description="evaluate only the first N tasks")
     samples: int = Field(0, ge=0, le=64, description="pass@k: also sample each task k times at temperature 1")
     sample_limit: int | None = Field(None, ge=1, description="sample only the first N tasks (bounds the cost)")
+    concurrency: int = Field(8, ge=1, description="episodes in flight against the server (greedy and sampled)")
+    max_tokens: int = Field(256, ge=8, description="tokens one turn may generate")
 
 
 class PromotionGate(StrictModel):

@@ -99,14 +99,17 @@ async def evaluate(
     temperature: float = 0.0,
     seed: int | None = None,
     on_done: Callable[[Trajectory], None] = lambda _t: None,
+    limit: asyncio.Semaphore | None = None,
 ) -> list[Trajectory]:
+    """Every task as one episode against the server. `limit` bounds the episodes in flight; several
+    evaluations that share one (the greedy pass and the samples) keep the server busy together."""
     policy = OpenAIPolicy(base_url, model, max_tokens=max_tokens, vision=vision, temperature=temperature, seed=seed)
     tools = ToolClients(sandbox_url, search_url, run_id=run_id)
     env = AgentEnv(tools, max_turns=max_turns, code_timeout_s=code_timeout_s, prompt=prompt)
-    limit = asyncio.Semaphore(concurrency)
+    in_flight = limit or asyncio.Semaphore(concurrency)
 
     async def one(task: Task) -> Trajectory:
-        async with limit:
+        async with in_flight:
             traj = await env.run(task, policy)
         on_done(traj)
         return traj
@@ -283,9 +286,13 @@ def evaluate_endpoint(
 
     started = time.monotonic()
 
-    def run(subset: list[Task], temperature: float, seed: int | None, done: Callable[[Trajectory], None]) -> Any:
-        return asyncio.run(
-            evaluate(
+    async def run_all() -> list[list[Trajectory]]:
+        # One event loop and one bound for the greedy pass and every sample: a tiny model's server is
+        # latency-bound per episode (tool calls between turns), so its throughput is the episodes in flight.
+        limit = asyncio.Semaphore(concurrency)
+
+        def run(subset: list[Task], temperature: float, seed: int | None, done: Callable[[Trajectory], None]) -> Any:
+            return evaluate(
                 subset,
                 base_url=base_url,
                 model=model,
@@ -299,12 +306,13 @@ def evaluate_endpoint(
                 temperature=temperature,
                 seed=seed,
                 on_done=done,
+                limit=limit,
             )
-        )
 
-    trajectories: list[Trajectory] = run(tasks, 0.0, None, on_done)
-    sampled = {}
-    if samples > 0:
         subset = tasks[:sample_limit]
-        sampled = pass_rates([run(subset, 1.0, i, lambda _t: None) for i in range(samples)])
+        sampled = [run(subset, 1.0, i, lambda _t: None) for i in range(samples)]
+        return list(await asyncio.gather(run(tasks, 0.0, None, on_done), *sampled))
+
+    trajectories, *samples_runs = asyncio.run(run_all())
+    sampled = pass_rates(samples_runs) if samples_runs else {}
     return EvalRun(trajectories, summarize(trajectories), serve_s, time.monotonic() - started, sampled)

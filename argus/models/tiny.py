@@ -146,7 +146,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Any:
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in ACTION_TOKENS])
     # The generic fast tokenizer, not Qwen2's class: transformers' Qwen2 tokenizer rebuilds Qwen2's own
     # pre-tokenizer when it loads, and the saved one (digit runs) must be what every loader gets.
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -319,7 +319,7 @@ def pretrain_copying(
             inputs, targets = torch.tensor(ids), torch.tensor(labels)[:, 1:]
             logits = model(input_ids=inputs).logits[:, :-1]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()

@@ -187,6 +187,8 @@ def run_eval(
                 target=serving,
                 server=server,
                 max_turns=suite.max_turns,
+                max_tokens=suite.max_tokens,
+                concurrency=suite.concurrency,
                 run_id=name,
                 prompt=prompt,
                 samples=0 if baseline else suite.samples,  # the baseline's samples say nothing

@@ -10,6 +10,7 @@ production behind the stable endpoint. (Promotion under load, the gate and rollb
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,11 +31,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 def _quickstart(tmp_path: Path, **sft: object) -> Path:
     spec = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     spec["sft"].update(sft)
-    # Training is exactly the quickstart's. The eval split is the 60-task one (seeded: its first 10 hold
-    # tasks the quickstart's SFT model solves, so "SFT beats base" is checkable on 10; the quickstart's
-    # 150-task split puts none of the 9 tasks it solves among its first 10), and 10 tasks keep it short.
-    # The learning curve and pass@k stay on, on fewer tasks: one curve point at the last step, 2 samples of 3.
-    spec["data"]["generate"]["eval_size"] = 60
+    # The quickstart's model and schedule, shorter: half its SFT steps (a model that has learned the
+    # format and some of the tasks, test_learning.py measures how much) and two small RL steps. 10 of its
+    # eval tasks keep the evaluation short. The learning curve and pass@k stay on, on fewer tasks: one
+    # curve point at the last step, 2 samples of 3.
+    spec["sft"]["max_steps"] = 400
+    spec["rl"].update(max_steps=2, prompts_per_step=4, rollouts_per_prompt=4, micro_batch_size=4)
     spec["eval"]["suites"][0].update(limit=10, samples=2, sample_limit=3)
     spec["sft"]["curve"].update(every_steps=10_000, tasks=3)
     path = tmp_path / "quickstart.yaml"
@@ -59,10 +61,11 @@ def _ours(home: str, *needles: str) -> list[psutil.Process]:
 
 def test_bad_spec_fails_before_anything_starts(cli: Cli, stack_env: dict[str, str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO / "examples" / "quickstart.yaml").read_text().replace("epochs: 8", "epochs: -1"))
+    text = (REPO / "examples" / "quickstart.yaml").read_text()
+    bad.write_text(re.sub(r"max_steps: \d+", "max_steps: -1", text, count=1))  # the first is SFT's
     result = cli("run", str(bad), check=False)
     assert result.returncode == 1
-    assert f"{bad}:" in result.stderr and "sft.epochs" in result.stderr
+    assert f"{bad}:" in result.stderr and "sft.max_steps" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (Path(stack_env["ARGUS_HOME"]) / "stack").exists()  # no stack was started
 

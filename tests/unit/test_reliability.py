@@ -26,6 +26,28 @@ def _dead(started_ago_s: float) -> supervision.ProcessRecord:
     return supervision.ProcessRecord(pid=proc.pid, pgid=proc.pid, create_time=time.time() - started_ago_s, cmd=["x"])
 
 
+def test_a_process_stays_itself_when_the_wall_clock_steps(tmp_path: Path) -> None:
+    """After a VM pause the kernel's boot time (and so psutil's create_time) moves with the clock: a
+    record made before must still find its process, and must not find a pid reused by another one."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        record = supervision.ProcessRecord(
+            pid=proc.pid,
+            pgid=proc.pid,
+            create_time=time.time() - 3600.0,  # as psutil reports it once the clock has stepped an hour
+            cmd=["sleep"],
+            ticks=supervision.start_ticks(proc.pid),
+        )
+        assert record.ticks is not None and record.alive()
+        assert [p.pid for p in record.group_members()] == [proc.pid]
+        stranger = record.model_copy(update={"ticks": record.ticks - 1})  # the same pid, started earlier
+        assert not stranger.alive()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert supervision.start_ticks(proc.pid) is None and not record.alive()
+
+
 @pytest.mark.reliability
 def test_backoff_resets_after_a_healthy_period(tmp_path: Path) -> None:
     settings = StackSettings(home=tmp_path)

@@ -26,7 +26,7 @@ def stack(training_stack: StackSettings) -> StackSettings:
     return training_stack
 
 
-def warm_start(model_dir: Path, sft_json: Path, steps: int = 150) -> None:
+def warm_start(model_dir: Path, sft_json: Path, steps: int = 300) -> None:
     """A few in-process SFT steps on gold trajectories, so the policy emits actions some of the time and
     GRPO groups carry different rewards (a random model's are all 0, and every group is dropped)."""
     import torch
@@ -93,8 +93,8 @@ def job(name: str, assets: dict[str, str], stack: StackSettings, tools: ToolEndp
         "rollouts_per_prompt": 4,
         "micro_batch_size": 2,
         "max_turns": 3,
-        "max_turn_tokens": 96,
-        "max_response_tokens": 256,
+        "max_turn_tokens": 200,  # a gold code turn of the suite is up to 192 tokens
+        "max_response_tokens": 512,
         "temperature": 0.7,  # a 0.9M-parameter policy at temperature 1 rarely closes a tag
         "seed": 5,
         "optim": {"lr": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant"},

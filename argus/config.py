@@ -251,7 +251,13 @@ class RLSpec(TrainingJobSpec):
     algorithm: Literal["grpo"] = "grpo"
     rollouts_per_prompt: int = Field(16, ge=2, description="GRPO group size (n)")
     max_turns: int = Field(9, ge=1)
-    prompts_per_step: int = Field(64, ge=1, description="prompts per optimizer step, over all ranks")
+    prompts_per_step: int = Field(64, ge=1, description="prompts rolled out per step, over all ranks")
+    mini_batch_prompts: int | None = Field(
+        None,
+        ge=1,
+        description="prompts per optimizer update (verl's ppo_mini_batch_size): a step's rollouts give "
+        "prompts_per_step / mini_batch_prompts updates; unset: one update per step",
+    )
     epochs: float = Field(1.0, gt=0, description="passes over the RL split (max_steps overrides)")
     micro_batch_size: int = Field(1, ge=1, description="episodes per forward/backward pass")
     kl_coef: float = Field(0.0, ge=0, description="KL to the frozen start model; 0 (DeepEyesV2) loads none")
@@ -265,16 +271,37 @@ class RLSpec(TrainingJobSpec):
     trajectories_every: int = Field(10, ge=0, description="log sampled trajectories every N steps (0: never)")
     reward: RewardSpec = Field(default_factory=RewardSpec)
 
+    @model_validator(mode="after")
+    def _mini_batches_divide_the_step(self) -> RLSpec:
+        if self.mini_batch_prompts is not None and self.prompts_per_step % self.mini_batch_prompts:
+            raise ValueError(
+                f"mini_batch_prompts {self.mini_batch_prompts} does not divide prompts_per_step {self.prompts_per_step}"
+            )
+        return self
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates made from one step's rollouts (DeepEyesV2: 256 / 32 = 8)."""
+        return self.prompts_per_step // (self.mini_batch_prompts or self.prompts_per_step)
+
     def episodes_per_rank(self, world_size: int) -> int:
         if self.prompts_per_step % world_size:
             raise ValueError(f"prompts_per_step {self.prompts_per_step} is not a multiple of {world_size} ranks")
         return self.prompts_per_step // world_size * self.rollouts_per_prompt
 
+    def episodes_per_update(self, world_size: int) -> int:
+        """Episodes of one rank that go into one optimizer update."""
+        mini = self.mini_batch_prompts or self.prompts_per_step
+        if mini % world_size:
+            raise ValueError(f"mini_batch_prompts {mini} is not a multiple of {world_size} ranks")
+        return mini // world_size * self.rollouts_per_prompt
+
     def micro_batches_per_step(self, world_size: int) -> int:
-        return -(-self.episodes_per_rank(world_size) // self.micro_batch_size)
+        """Micro-batches accumulated into one optimizer update (DeepSpeed's gradient_accumulation_steps)."""
+        return -(-self.episodes_per_update(world_size) // self.micro_batch_size)
 
     def deepspeed_config(self, *, cuda: bool, bf16_ok: bool, world_size: int = 1) -> dict[str, Any]:
-        """As SFT's: one optimizer step per rollout batch, accumulated over its micro-batches."""
+        """As SFT's: each optimizer update accumulates its mini-batch's micro-batches."""
         return _deepspeed_config(self, self.micro_batch_size, self.micro_batches_per_step(world_size), cuda, bf16_ok)
 
 
@@ -600,6 +627,9 @@ class StackSettings(BaseSettings):
     bucket_cache: str = "argus-cache"
 
     startup_timeout_s: float = Field(90.0, gt=0)
+    tiny_model_cache: Path | None = Field(
+        None, description="where built tiny base models are kept; <home>/models if unset (homes may share one)"
+    )
 
     @field_validator("home")
     @classmethod
@@ -612,6 +642,10 @@ class StackSettings(BaseSettings):
         if value is not None and not re.match(r"^https?://[^\s/]+", value):
             raise ValueError(f"must be an http(s) URL, got {value!r}")
         return value.rstrip("/") if value else value
+
+    @property
+    def models_dir(self) -> Path:
+        return (self.tiny_model_cache or self.home / "models").expanduser().absolute()
 
     @property
     def buckets(self) -> list[str]:

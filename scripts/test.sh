@@ -11,7 +11,13 @@ VENV=.venv/bin
 # The layer rule (pyproject [tool.importlinter]): cli → flows → backends / stack → core, no cycles.
 "$VENV/lint-imports" --no-cache || exit 1
 
-"$VENV/python" -m pytest "$@"
+# Two workers, one file each at a time (a module's fixtures are built once): most tests wait on
+# servers, sandboxes and subprocesses more than they compute, so two share the 2 cores. One OpenMP
+# thread per process: two workers whose torch each spins two threads on two cores slow each other
+# down severalfold (measured: the copy pre-training 116 s alone, 492 s beside another test). Tests that
+# share a session resource across workers coordinate through a file lock (the tiny model cache).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+"$VENV/python" -m pytest -n "${ARGUS_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 if [ "$rc" = 5 ]; then
   # pytest's "no tests ran": a test run that checks nothing must not pass.

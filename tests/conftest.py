@@ -40,12 +40,25 @@ class Cli:
         return proc
 
 
+@pytest.fixture(scope="session")
+def tiny_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache of built tiny base models for the session: the copy pre-trained `mini` (minutes of
+    training, deterministic for its seed) is built by the first test that needs it and reused by the
+    others, as homes that share `ARGUS_TINY_MODEL_CACHE` reuse it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one cache for every worker: their basetemps share a parent
+        shared = tmp_path_factory.getbasetemp().parent / "tiny-models"
+        shared.mkdir(exist_ok=True)
+        return shared
+    return tmp_path_factory.mktemp("tiny-models")
+
+
 @pytest.fixture
-def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+def stack_env(tmp_path: Path, tiny_model_cache: Path) -> Iterator[dict[str, str]]:
     """Environment for a private stack: its own home and free loopback ports."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ARGUS_", "PREFECT_", "MLFLOW_", "AWS_"))}
     env.update(
         ARGUS_HOME=str(tmp_path / "argus-home"),
+        ARGUS_TINY_MODEL_CACHE=str(tiny_model_cache),
         ARGUS_S3_PORT=str(free_port()),
         ARGUS_MLFLOW_PORT=str(free_port()),
         ARGUS_PREFECT_PORT=str(free_port()),
@@ -164,7 +177,7 @@ def local_tools(settings: StackSettings) -> Any:
 
 
 @pytest.fixture(scope="session")
-def training_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackSettings]:
+def training_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_cache: Path) -> Iterator[StackSettings]:
     """A private platform stack (S3, MLflow, Prefect) the training tests share: one start per session."""
     from argus.config import StackSettings
 
@@ -186,6 +199,7 @@ def training_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackSe
             "s3_port": env["ARGUS_S3_PORT"],
             "mlflow_port": env["ARGUS_MLFLOW_PORT"],
             "prefect_port": env["ARGUS_PREFECT_PORT"],
+            "tiny_model_cache": tiny_model_cache,
         }
     )
     try:

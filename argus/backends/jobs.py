@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,29 +15,15 @@ def base_model_uri(
     settings: StackSettings,
     on_progress: Callable[[int, float], None] = lambda _step, _accuracy: None,
 ) -> str:
-    """The spec's base model; a tiny model (`init_tiny`) is built once under `<home>/models`.
-
-    It is built in a sibling `.partial` directory and renamed into place whole: files are written one by
-    one (`config.json` before the weights), so a build killed half way must not leave a directory that
-    looks built. A leftover `.partial` is discarded and the build starts again.
-    """
+    """The spec's base model; a tiny model (`init_tiny`) is built once in the settings' model cache
+    (`tiny.built`: whole or not at all, shared by every home that points at the same cache)."""
     if spec.model.base.uri is not None:
         return spec.model.base.uri
     from argus.models import tiny
 
     arch = spec.model.base.init_tiny
     assert arch is not None  # the spec model requires uri or init_tiny
-    size = spec.model.base.tiny_size
-    # The recipe's version is in the name: a model built by an older recipe (tokenizer, pre-training) is
-    # never taken for today's.
-    path = settings.home / "models" / f"tiny-{arch}-{size}-seed{spec.sft.seed}-{tiny.RECIPE}"
-    if not (path / "config.json").exists():
-        partial = path.with_name(path.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        tiny.init_tiny(arch, str(partial), seed=spec.sft.seed, size=size, on_progress=on_progress)
-        shutil.rmtree(path, ignore_errors=True)  # an incomplete directory from before this rule
-        os.replace(partial, path)
-    return str(path)
+    return str(tiny.built(arch, spec.model.base.tiny_size, spec.sft.seed, settings.models_dir, on_progress))
 
 
 def _lineage(spec: PipelineSpec, spec_file: str | Path | None, lineage: dict[str, str] | None) -> dict[str, str]:

@@ -9,8 +9,11 @@ checkpoint has, so the same loading code serves a 7B model from the hub or the o
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -365,3 +368,31 @@ def init_tiny(
         if processor is not None:
             processor.save_pretrained(local)
         return upload_dir(local, out, stack)
+
+
+def built(
+    arch: Arch,
+    size: Size,
+    seed: int,
+    cache: Path,
+    on_progress: Callable[[int, float], None] = lambda _step, _accuracy: None,
+) -> Path:
+    """The tiny model of (arch, size, seed) under `cache`, built on first use and reused after.
+
+    Built in a sibling `.partial` directory and renamed into place whole: files are written one by one
+    (`config.json` before the weights), so a build killed half way must not leave a directory that looks
+    built; a leftover `.partial` is discarded and the build starts again. A lock file serialises builders
+    (several homes, or a test suite, may share one cache), so a second one waits and then reuses. The
+    recipe's version is in the name: a model built by an older recipe (tokenizer, pre-training) is never
+    taken for today's. Building is deterministic for a seed, so sharing one build changes nothing."""
+    path = cache / f"tiny-{arch}-{size}-seed{seed}-{RECIPE}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").exists():
+            partial = path.with_name(path.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            init_tiny(arch, str(partial), seed=seed, size=size, on_progress=on_progress)
+            shutil.rmtree(path, ignore_errors=True)  # an incomplete directory from before this rule
+            os.replace(partial, path)
+    return path

@@ -31,11 +31,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 def _quickstart(tmp_path: Path, **sft: object) -> Path:
     spec = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     spec["sft"].update(sft)
-    # The quickstart's model and schedule, shorter: half its SFT steps (a model that has learned the
-    # format and some of the tasks, test_learning.py measures how much) and two small RL steps. 10 of its
-    # eval tasks keep the evaluation short. The learning curve and pass@k stay on, on fewer tasks: one
+    # The quickstart's model and schedule, shorter: a third of its SFT steps (a model that has learned the
+    # format and some of the tasks, test_learning.py measures how much) and two small RL steps. 10 eval
+    # tasks keep the evaluation short. The learning curve and pass@k stay on, on fewer tasks: one
     # curve point at the last step, 2 samples of 3.
     spec["sft"]["max_steps"] = 400
+    # A smaller suite: 300 gold trajectories (as test_learning.py), enough RL prompts for its 2 steps, and
+    # the 10 eval tasks the evaluation plays.
+    spec["data"]["generate"].update(sft_size=300, rl_size=16, eval_size=10)
     spec["rl"].update(max_steps=2, prompts_per_step=4, rollouts_per_prompt=4, micro_batch_size=4)
     spec["eval"]["suites"][0].update(limit=10, samples=2, sample_limit=3)
     spec["sft"]["curve"].update(every_steps=10_000, tasks=3)

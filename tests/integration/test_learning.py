@@ -35,19 +35,17 @@ def held_out_accuracy(model_dir: str, tasks: list[Task], tools: LocalToolEnviron
 
 @pytest.mark.timeout(1200)
 def test_sft_lifts_held_out_accuracy_above_the_untrained_model(training_stack: StackSettings, tmp_path: Path) -> None:
-    import torch
 
     from argus.data.generate import generate
-    from argus.models.tiny import init_tiny
+    from argus.models import tiny
 
-    torch.set_num_threads(2)
     data = tmp_path / "data"
     # A slice: 300 gold trajectories (the quickstart trains on 1,000) and 16 held-out tasks.
     generate(
         str(data), tools=local_tools(training_stack), seed=23, sft_size=300, rl_size=1, eval_size=16, prompt="compact"
     )
-    base = str(tmp_path / "base")
-    init_tiny("qwen2", base, seed=0, size="mini")  # the quickstart's model, copy pre-training included
+    # The quickstart's model, copy pre-training included (built once per session, see conftest).
+    base = str(tiny.built("qwen2", "mini", 0, training_stack.models_dir))
     cfg = SFTJobConfig(
         job_name="learns",
         dataset=str(data / "sft" / "sft.json"),

@@ -89,8 +89,9 @@ def job(name: str, assets: dict[str, str], stack: StackSettings, tools: ToolEndp
         "nproc_per_node": 2,
         "precision": "fp32",
         "max_steps": 4,
-        "prompts_per_step": 2,
-        "rollouts_per_prompt": 4,
+        "prompts_per_step": 4,
+        "mini_batch_prompts": 2,  # two optimizer updates per step, the second clipped against the first
+        "rollouts_per_prompt": 2,
         "micro_batch_size": 2,
         "max_turns": 3,
         "max_turn_tokens": 200,  # a gold code turn of the suite is up to 192 tokens
@@ -157,7 +158,7 @@ def test_grpo_trains_against_live_tools_and_resumes_exactly_after_a_kill(
     ref_steps = steps(ref_events)
     assert sorted(ref_steps) == [1, 2, 3, 4]
     for step in ref_steps.values():
-        assert step.metrics["rollout/episodes"] == 8  # 2 prompts x 4 rollouts over both ranks
+        assert step.metrics["rollout/episodes"] == 8  # 4 prompts x 2 rollouts over both ranks
         assert 0.0 <= step.metrics["rollout/dropped_groups"] <= 1.0
     # The warm-started policy acts: tools were called, and some groups carried a learning signal.
     assert any(s.metrics["rollout/tool_calls_per_episode"] > 0 for s in ref_steps.values())
@@ -213,6 +214,7 @@ def test_grpo_trains_against_live_tools_and_resumes_exactly_after_a_kill(
     ):
         assert key in run.data.metrics, key
     assert run.data.metrics["train/logprob_gap"] < 1e-3  # the engine sampled with the trainer's weights
+    assert run.data.metrics["train/updates"] == 2  # mini-batches of 2 prompts
     assert sorted({m.step for m in client.get_metric_history(run_id, "reward/overall/mean")}) == [1, 2, 3, 4]
     # Every `trajectories_every` steps (and the first) a sample of rollouts is on the run as traces.
     traces = client.search_traces(locations=[run.info.experiment_id], run_id=run_id, max_results=100)

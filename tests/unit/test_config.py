@@ -40,7 +40,14 @@ def set_path(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     return doc
 
 
-DELETE = object()
+class _Delete:
+    """The field is removed instead of set. Its repr is stable: test ids are the same in every process."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+DELETE = _Delete()
 
 # (base document, field to set, value, expected error path, text the message must contain)
 BAD_SPECS = [
@@ -75,6 +82,7 @@ BAD_SPECS = [
     (cluster, "sft.resources.gpus", 16, "sft.resources.gpus", "has 8 per node"),
     (cluster, "sft.nproc_per_node", 4, "sft.nproc_per_node", "one process per GPU"),
     (cluster, "rl.reward.format_weight", 0.5, "rl.reward", "must be 1.0"),
+    (cluster, "rl.mini_batch_prompts", 48, "rl", "does not divide prompts_per_step 256"),
     (cluster, "tools.judge", DELETE, "rl.reward.judge", "tools.judge is not configured"),
     (cluster, "node_pools.h100-train.gpus_per_node", -1, "node_pools.h100-train.gpus_per_node", "greater than"),
     (
@@ -157,6 +165,8 @@ def test_examples_are_valid() -> None:
     assert big.backend == "kubernetes"
     assert (big.sft.nodes, big.sft.nproc_per_node, big.sft.world_size) == (4, 8, 32)
     assert (big.rl.world_size, big.rl.rollouts_per_prompt, big.rl.max_turns) == (32, 16, 9)
+    # DeepEyesV2's 256 prompts a step in mini-batches of 32: 8 updates, 16 episodes of each per rank.
+    assert (big.rl.updates_per_step, big.rl.episodes_per_update(32)) == (8, 16)
     assert big.sft.deepspeed.zero_stage == 3 and big.sft.deepspeed.offload_optimizer
     assert big.node_pools["h100-train"].queue == "train-h100"
 

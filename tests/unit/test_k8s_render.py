@@ -93,8 +93,9 @@ def test_the_7b_spec_renders_4x8_gpu_pytorchjobs_on_their_pool_and_queue(
         assert job["spec"]["runPolicy"]["backoffLimit"] == 10
         assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 259200
     else:
-        # 256 prompts x 16 rollouts over 32 ranks, one episode per micro-batch: 128 accumulated passes.
-        assert ds["gradient_accumulation_steps"] == 128 and ds["train_micro_batch_size_per_gpu"] == 1
+        # Mini-batches of 32 prompts x 16 rollouts over 32 ranks, one episode per micro-batch: each of the
+        # step's 8 updates accumulates 16 passes.
+        assert ds["gradient_accumulation_steps"] == 16 and ds["train_micro_batch_size_per_gpu"] == 1
         # It starts from the SFT export and rolls out against the run's ToolEnvironment Services.
         assert job_config["model"].endswith("/deepeyesv2-7b-sft")
         assert job_config["sandbox_url"] == "http://deepeyesv2-7b-tools-sandbox.argus.svc.cluster.local:8080"

@@ -28,6 +28,7 @@ import math
 import random
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,7 +90,7 @@ class RLTrainer(DeepSpeedTrainer):
         self.total_steps = job.rl.max_steps or max(
             1, math.ceil(job.rl.epochs * len(self.tasks) / job.rl.prompts_per_step)
         )
-        self.initialize(model, self.total_steps)
+        self.initialize(model, self.total_steps * job.rl.updates_per_step)
 
     def prompts_at(self, step: int) -> list[Task]:
         """This rank's prompts of `step` (0-based): a seeded permutation per epoch, read in order."""
@@ -127,92 +128,111 @@ class RLTrainer(DeepSpeedTrainer):
         )
 
     def learn(self, episodes: list[Episode]) -> dict[str, float]:
-        """Advantages, then one optimizer step accumulated over the rank's micro-batches."""
+        """Advantages, the old log-probabilities and the sync check, then `updates_per_step` optimizer
+        updates, each accumulated over the micro-batches of its mini-batch of prompt groups.
+
+        As verl's actor does, the old log-probabilities are the trainer's own recomputation before any
+        update (so the first update's ratio is exactly 1, and later updates of the same rollouts are
+        clipped against the policy that sampled them); the engine's are only compared with them."""
         spec = self.rl
         rewards = torch.tensor([reward_of(ep) for ep in episodes])
         adv = group_advantages(rewards, spec.rollouts_per_prompt)
         keep = [bool(k) and not ep.masked for k, ep in zip(adv.kept.tolist(), episodes, strict=True)]
-        # Every micro-batch divides by the step's count of trained tokens, so the micro-batch losses sum
-        # to the token mean over the rank's batch (DeepSpeed divides each by the accumulation count).
-        trained_tokens = sum(sum(ep.mask) for ep, k in zip(episodes, keep, strict=True) if k)
         micro = spec.micro_batch_size
-        n_micro = spec.micro_batches_per_step(self.world)
         sums: dict[str, float] = defaultdict(float)
-        pad = int(self.tokenizer.pad_token_id)
-        for m in range(n_micro):
-            chunk = list(range(m * micro, min((m + 1) * micro, len(episodes))))
-            width = max(len(episodes[i].ids) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attn = torch.zeros_like(ids)
-            mask = torch.zeros((len(chunk), width), dtype=torch.float32)
-            engine_logp = torch.zeros((len(chunk), width))
-            for row, i in enumerate(chunk):
-                ep = episodes[i]
-                n = len(ep.ids)
-                ids[row, :n] = torch.tensor(ep.ids)
-                attn[row, :n] = 1
-                if keep[i]:
-                    mask[row, :n] = torch.tensor(ep.mask, dtype=torch.float32)
-                engine_logp[row, :n] = torch.tensor(ep.logprobs)
-            logp, entropy = token_logprobs(self.engine, ids, attn, spec.temperature)
-            action = mask[:, 1:]
-            ref_logp = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref_logp, _ = token_logprobs(self.reference, ids, attn, spec.temperature)
-            parts = policy_loss(
-                logp,
-                logp.detach(),  # one update per rollout batch: the sampling policy is the current one
-                adv.values[chunk],
-                action,
-                clip_ratio=spec.clip_ratio,
-                ref_logp=ref_logp,
-                kl_coef=spec.kl_coef,
-                normaliser=max(trained_tokens, 1) / n_micro,
-            )
-            self.engine.backward(parts.loss)
-            self.engine.step()
-            # The sync check: every sampled token (kept or not) scored by the engine and the trainer.
-            sampled = torch.zeros_like(action)
-            for row, i in enumerate(chunk):
-                sampled[row, : len(episodes[i].ids) - 1] = torch.tensor(episodes[i].mask[1:], dtype=torch.float32)
-            gap = ((logp.detach() - engine_logp[:, 1:]).abs() * sampled).sum()
-            sums["gap"] += float(gap)
-            sums["sampled"] += float(sampled.sum())
-            sums["loss"] += float(parts.loss.detach())
-            sums["entropy"] += float((entropy.detach() * action).sum())
-            sums["kl"] += float(parts.kl) * float(parts.tokens)
-            sums["clip"] += float(parts.clip_fraction) * float(parts.tokens)
-        stats = torch.tensor(
-            [
-                sums["gap"],
-                sums["sampled"],
-                sums["loss"],
-                sums["entropy"],
-                sums["kl"],
-                sums["clip"],
-                float(trained_tokens),
-            ]
-        )
-        self.dist.all_reduce(stats)
-        gap_mean = float(stats[0] / stats[1].clamp(min=1))
+
+        # The policy that sampled: its log-probabilities and entropy, and the engine's disagreement.
+        old: list[torch.Tensor] = [torch.zeros(0)] * len(episodes)
+        with torch.no_grad():
+            for lo in range(0, len(episodes), micro):
+                chunk = list(range(lo, min(lo + micro, len(episodes))))
+                batch = self.batch(episodes, chunk, keep)
+                logp, entropy = token_logprobs(self.engine, batch.ids, batch.attn, spec.temperature)
+                for row, i in enumerate(chunk):
+                    old[i] = logp[row, : len(episodes[i].ids) - 1].clone()
+                sums["gap"] += float(((logp - batch.engine_logp).abs() * batch.sampled).sum())
+                sums["sampled"] += float(batch.sampled.sum())
+                sums["entropy"] += float((entropy * batch.action).sum())
+        gap = torch.tensor([sums["gap"], sums["sampled"]])
+        self.dist.all_reduce(gap)
+        gap_mean = float(gap[0] / gap[1].clamp(min=1))
         if gap_mean > LOGPROB_TOLERANCE:
             raise RuntimeError(
                 f"rollout engine and trainer disagree: mean |log-prob gap| {gap_mean:.4f} per sampled token "
                 f"> {LOGPROB_TOLERANCE} (stale weights, or tokens that are not the ones sampled)"
             )
-        trained = float(stats[6])
+
+        per_update = spec.episodes_per_update(self.world)
+        n_micro = spec.micro_batches_per_step(self.world)
+        for lo in range(0, len(episodes), per_update):
+            update = list(range(lo, min(lo + per_update, len(episodes))))
+            # Every micro-batch divides by the update's count of trained tokens, so the micro-batch losses
+            # sum to the token mean over the rank's mini-batch (DeepSpeed divides each by the accumulation
+            # count).
+            trained_tokens = sum(sum(episodes[i].mask) for i in update if keep[i])
+            for m in range(n_micro):
+                chunk = update[m * micro : (m + 1) * micro]
+                batch = self.batch(episodes, chunk, keep)
+                old_logp = torch.zeros_like(batch.action)
+                for row, i in enumerate(chunk):
+                    old_logp[row, : old[i].numel()] = old[i]
+                logp, _ = token_logprobs(self.engine, batch.ids, batch.attn, spec.temperature)
+                ref_logp = None
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref_logp, _ = token_logprobs(self.reference, batch.ids, batch.attn, spec.temperature)
+                parts = policy_loss(
+                    logp,
+                    old_logp,
+                    adv.values[chunk],
+                    batch.action,
+                    clip_ratio=spec.clip_ratio,
+                    ref_logp=ref_logp,
+                    kl_coef=spec.kl_coef,
+                    normaliser=max(trained_tokens, 1) / n_micro,
+                )
+                self.engine.backward(parts.loss)
+                self.engine.step()
+                sums["loss"] += float(parts.loss.detach())
+                sums["kl"] += float(parts.kl) * float(parts.tokens)
+                sums["clip"] += float(parts.clip_fraction) * float(parts.tokens)
+                sums["trained"] += float(parts.tokens)
+        stats = torch.tensor([sums["loss"], sums["entropy"], sums["kl"], sums["clip"], sums["trained"]])
+        self.dist.all_reduce(stats)
+        trained = float(stats[4])
+        kept_tokens = sum(sum(ep.mask) for ep, k in zip(episodes, keep, strict=True) if k)
         masked_tokens = sum(sum(ep.mask) for ep, k in zip(episodes, keep, strict=True) if not k)
         return {
-            "train/loss": float(stats[2]) / self.world,
-            "train/entropy": float(stats[3]) / max(trained, 1.0),
-            "train/kl": float(stats[4]) / max(trained, 1.0),
-            "train/clip_fraction": float(stats[5]) / max(trained, 1.0),
+            "train/loss": float(stats[0]) / self.world / spec.updates_per_step,  # per update
+            "train/entropy": float(stats[1]) / max(trained, 1.0),
+            "train/kl": float(stats[2]) / max(trained, 1.0),
+            "train/clip_fraction": float(stats[3]) / max(trained, 1.0),
             "train/trained_tokens": trained,
+            "train/updates": float(spec.updates_per_step),
             "train/logprob_gap": gap_mean,
             "rollout/dropped_groups": adv.dropped_groups / max(adv.groups, 1),
-            "rollout/masked_token_share": masked_tokens / max(masked_tokens + trained_tokens, 1),
+            "rollout/masked_token_share": masked_tokens / max(masked_tokens + kept_tokens, 1),
         }
+
+    def batch(self, episodes: list[Episode], chunk: list[int], keep: list[bool]) -> Batch:
+        """Episodes `chunk` padded into one batch; token-shifted masks (position t scores token t+1)."""
+        pad = int(self.tokenizer.pad_token_id)
+        width = max(len(episodes[i].ids) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        action = torch.zeros((len(chunk), width), dtype=torch.float32)
+        sampled = torch.zeros_like(action)
+        engine_logp = torch.zeros_like(action)
+        for row, i in enumerate(chunk):
+            ep = episodes[i]
+            n = len(ep.ids)
+            ids[row, :n] = torch.tensor(ep.ids)
+            attn[row, :n] = 1
+            sampled[row, :n] = torch.tensor(ep.mask, dtype=torch.float32)
+            if keep[i]:
+                action[row, :n] = sampled[row, :n]
+            engine_logp[row, :n] = torch.tensor(ep.logprobs)
+        return Batch(ids, attn, action[:, 1:], sampled[:, 1:], engine_logp[:, 1:])
 
     # -- the loop --------------------------------------------------------------------------------------
 
@@ -341,6 +361,15 @@ class RLTrainer(DeepSpeedTrainer):
 
     def export_record(self) -> dict[str, Any]:
         return {"stage": "rl", "start_model": self.job.model, "start_record": self.start_record}
+
+
+@dataclass(frozen=True)
+class Batch:
+    ids: torch.Tensor
+    attn: torch.Tensor
+    action: torch.Tensor  # [B, T-1]: 1 on sampled tokens of kept episodes (the loss mask)
+    sampled: torch.Tensor  # [B, T-1]: 1 on every sampled token (the sync check's mask)
+    engine_logp: torch.Tensor  # [B, T-1]: the engine's log-probabilities of what it sampled
 
 
 SHOWN = ("rollout/", "reward/", "time/")  # the figures a progress line carries beside loss and lr

@@ -12,11 +12,10 @@ VENV=.venv/bin
 "$VENV/lint-imports" --no-cache || exit 1
 
 # Two workers, one file each at a time (a module's fixtures are built once): most tests wait on
-# servers, sandboxes and subprocesses more than they compute, so two share the 2 cores. One OpenMP
-# thread per process: two workers whose torch each spins two threads on two cores slow each other
-# down severalfold (measured: the copy pre-training 116 s alone, 492 s beside another test). Tests that
-# share a session resource across workers coordinate through a file lock (the tiny model cache).
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# servers, sandboxes and subprocesses more than they compute, so two share the 2 cores (measured on
+# 2 cores: 28m43 on two workers against ~38 min one test at a time; pinning OMP_NUM_THREADS=1 made it
+# slower, 33m57, the vLLM servers of the end-to-end tests most of all). Tests that share a session
+# resource across workers coordinate through a file lock (the tiny model cache).
 "$VENV/python" -m pytest -n "${ARGUS_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 if [ "$rc" = 5 ]; then

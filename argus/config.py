@@ -244,6 +244,38 @@ class RewardSpec(StrictModel):
         return self
 
 
+class VLLMRolloutSpec(StrictModel):
+    """The vLLM rollout engine (`rl.engine: vllm`): where its servers are and how far they may disagree
+    with the trainer. Unset `urls`: every rank starts its own colocated server from the vLLM virtualenv
+    (`ARGUS_VLLM_PYTHON`) on the model it trains."""
+
+    urls: list[str] = Field(
+        default_factory=list,
+        description="running vLLM servers (OpenAI API, VLLM_SERVER_DEV_MODE=1, --logprobs-mode processed_logprobs, "
+        "a filesystem shared with the trainer); rank r uses urls[r % len(urls)]; empty: one colocated server per rank",
+    )
+    memory_fraction: float = Field(
+        0.2, gt=0, le=1, description="a colocated server's --gpu-memory-utilization (on CPU: its KV-cache share)"
+    )
+    max_model_len: int = Field(4096, ge=64, description="a colocated server's context length")
+    startup_timeout_s: float = Field(600.0, gt=0, description="for a colocated server to become ready")
+    request_timeout_s: float = Field(600.0, gt=0, description="per generation request")
+    concurrency: int = Field(64, ge=1, description="generation requests in flight per rank")
+    probe_tolerance: float = Field(
+        0.02,
+        gt=0,
+        description="largest mean |engine - trainer| log-probability on the probe sequence after a weight sync",
+    )
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s):// URL of a vLLM server")
+        return urls
+
+
 class RLSpec(TrainingJobSpec):
     """GRPO with multi-turn tool rollouts, DeepEyesV2's settings where it has them (verl's agent loop)."""
 
@@ -266,6 +298,7 @@ class RLSpec(TrainingJobSpec):
     max_turn_tokens: int = Field(512, ge=8, description="tokens one turn may generate")
     max_response_tokens: int = Field(2048, ge=16, description="generated tokens per episode; beyond: masked")
     engine: Literal["in-process", "vllm"] = Field("in-process", description="rollout engine")
+    vllm: VLLMRolloutSpec = Field(default_factory=VLLMRolloutSpec, description="the vLLM engine's servers")
     tool_timeout_s: float = Field(30.0, gt=0, description="per tool call")
     episode_timeout_s: float = Field(300.0, gt=0, description="per episode; past it the episode is masked")
     trajectories_every: int = Field(10, ge=0, description="log sampled trajectories every N steps (0: never)")

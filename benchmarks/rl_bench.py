@@ -7,8 +7,10 @@ batch and group size, both rolling out the same multi-turn episodes against the 
 TRL's side is its documented custom-rollout path: `rollout_func` returns `prompt_ids`,
 `completion_ids`, `logprobs` and `env_mask` (0 on tool tokens), here filled by Argus' own rollout
 (`trainers.rl.rollout`, the same lockstep episodes with TRL's model as the policy), so the two differ
-only in how a step is trained and orchestrated. Both run one process on this machine's CPUs; step
-times are medians over steps 2..N (step 1 pays for warm-up).
+only in how a step is trained and orchestrated. Argus runs twice: with the in-process engine, and with
+the vLLM engine (a colocated vLLM server from the CPU build samples; the trainer loads its weights into
+it after every step and checks them, counted in the step). All run one process on this machine's CPUs;
+step times are medians over steps 2..N (step 1 pays for warm-up).
 """
 
 from __future__ import annotations
@@ -163,13 +165,61 @@ def summarise(steps: list[float], rollouts: list[float], episodes: list[float], 
     }
 
 
+def argus_run(
+    engine: str,
+    model: str,
+    rl_parquet: str,
+    tools: ToolEndpoints,
+    root: Path,
+    stack: StackSettings,
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """Argus' trainer on the benchmark's job; `vllm`: a colocated vLLM server (the CPU build) samples,
+    and the trainer loads its weights into it after every step (counted in the step time)."""
+    job = RLJobConfig(
+        job_name=f"bench-rl-{engine}",
+        prompt="compact",
+        dataset=rl_parquet,
+        model=model,
+        checkpoint_uri=f"s3://{stack.bucket_checkpoints}/rl-bench-{engine}",
+        output_uri=str(root / f"rl-{engine}"),
+        sandbox_url=tools.sandbox_url,
+        search_url=tools.search_url,
+        mlflow_experiment="rl-bench",
+        rl={"enabled": True, "nproc_per_node": 1, "precision": "fp32", "max_steps": args.steps,
+            "prompts_per_step": args.prompts, "rollouts_per_prompt": args.group,
+            "micro_batch_size": args.prompts * args.group, "max_turns": MAX_TURNS,
+            "max_turn_tokens": TURN_TOKENS, "max_response_tokens": RESPONSE_TOKENS, "seed": 5,
+            "optim": {"lr": 1e-4, "warmup_ratio": 0.0, "scheduler": "constant"},
+            "checkpoint": {"every_steps": 1000}, "trajectories_every": 0, "engine": engine},
+    )  # fmt: skip
+    steps = [e for e in run_job("trainers.rl", job, root, stack) if e["event"] == "step"]
+    times = [e["time"] for e in steps]
+    # Step 1's duration from its own figure; later ones from the gaps between step events.
+    step_s = [steps[0]["step_time_s"]] + [b - a for a, b in itertools.pairwise(times)]
+    figures = summarise(
+        step_s,
+        [s["metrics"].get("time/rollout_s", 0.0) for s in steps],
+        [s["metrics"]["rollout/episodes"] for s in steps],
+        [s["metrics"]["rollout/tool_calls_per_episode"] * s["metrics"]["rollout/episodes"] for s in steps],
+    )
+    figures["generate_s"] = statistics.median(s["metrics"].get("time/generate_s", 0.0) for s in steps[1:] or steps)
+    figures["sync_s"] = statistics.median(s["metrics"].get("time/sync_s", 0.0) for s in steps[1:] or steps)
+    figures["learn_s"] = statistics.median(s["metrics"]["time/train_s"] for s in steps[1:] or steps)
+    # What there was to train: groups with equal rewards are dropped, and a step with none left trains nothing.
+    figures["dropped"] = statistics.mean(s["metrics"]["rollout/dropped_groups"] for s in steps)
+    figures["reward"] = statistics.mean(s["metrics"]["reward/overall/mean"] for s in steps)
+    figures["tokens"] = statistics.mean(s["metrics"]["rollout/response_tokens"] for s in steps)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--group", type=int, default=4, help="rollouts per prompt")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=200)
 
     with tempfile.TemporaryDirectory(prefix="argus-rl-bench-") as tmp:
         root = Path(tmp)
@@ -217,34 +267,10 @@ def main() -> None:
                 index_path=root / "data" / "search" / "index.sqlite",
                 sandbox=SandboxSpec(runner="gvisor", warm_pool=args.prompts * args.group, max_sessions=64),
             ) as tools:
-                console.print("Argus RL trainer (torchrun, DeepSpeed ZeRO-2, MLflow, S3 checkpoints) …")
-                job = RLJobConfig(
-                    job_name="bench-rl",
-                    prompt="compact",
-                    dataset=rl_parquet,
-                    model=model,
-                    checkpoint_uri=f"s3://{stack.bucket_checkpoints}/rl-bench",
-                    output_uri=str(root / "rl"),
-                    sandbox_url=tools.sandbox_url,
-                    search_url=tools.search_url,
-                    mlflow_experiment="rl-bench",
-                    rl={"enabled": True, "nproc_per_node": 1, "precision": "fp32", "max_steps": args.steps,
-                        "prompts_per_step": args.prompts, "rollouts_per_prompt": args.group,
-                        "micro_batch_size": args.prompts * args.group, "max_turns": MAX_TURNS,
-                        "max_turn_tokens": TURN_TOKENS, "max_response_tokens": RESPONSE_TOKENS, "seed": 5,
-                        "optim": {"lr": 1e-4, "warmup_ratio": 0.0, "scheduler": "constant"},
-                        "checkpoint": {"every_steps": 1000}, "trajectories_every": 0},
-                )  # fmt: skip
-                steps = [e for e in run_job("trainers.rl", job, root, stack) if e["event"] == "step"]
-                times = [e["time"] for e in steps]
-                # Step 1's duration from its own figure; later ones from the gaps between step events.
-                ours_steps = [steps[0]["step_time_s"]] + [b - a for a, b in itertools.pairwise(times)]
-                ours = summarise(
-                    ours_steps,
-                    [s["metrics"].get("time/rollout_s", 0.0) for s in steps],
-                    [s["metrics"]["rollout/episodes"] for s in steps],
-                    [s["metrics"]["rollout/tool_calls_per_episode"] * s["metrics"]["rollout/episodes"] for s in steps],
-                )
+                ours: dict[str, dict[str, float]] = {}
+                for engine in ("in-process", "vllm"):
+                    console.print(f"Argus RL trainer, {engine} engine (torchrun, DeepSpeed ZeRO-2, MLflow, S3) …")
+                    ours[engine] = argus_run(engine, model, rl_parquet, tools, root, stack, args)
                 console.print("TRL GRPOTrainer with a rollout_func (same episodes) …")
                 theirs = trl_run(model, rl_parquet, tools, args)
         finally:
@@ -254,14 +280,26 @@ def main() -> None:
         title=f"GRPO step — tiny Qwen2, 1 process, {args.prompts} prompts x {args.group} rollouts, "
         f"≤{MAX_TURNS} turns, {args.steps} steps (medians of steps 2..N)"
     )
-    for col in ("metric", "Argus trainers.rl", "TRL GRPOTrainer + rollout_func (same run)", "target"):
+    a, v = ours["in-process"], ours["vllm"]
+    for col in ("metric", "Argus, in-process engine", "Argus, vLLM engine (CPU build)", "TRL + rollout_func", "target"):
         table.add_column(col)
-    table.add_row("step time", f"{ours['step_s']:.2f} s", f"{theirs['step_s']:.2f} s", "Argus ≤ TRL")
-    table.add_row("  rollout (generation + tools)", f"{ours['rollout_s']:.2f} s", f"{theirs['rollout_s']:.2f} s", "")
-    table.add_row("  the rest (scoring, loss, backward, step, logging)", f"{ours['train_s']:.2f} s",
-                  f"{theirs['train_s']:.2f} s", "")  # fmt: skip
-    table.add_row("episodes / s", f"{ours['episodes_per_s']:.2f}", f"{theirs['episodes_per_s']:.2f}", "")
-    table.add_row("tool calls / s", f"{ours['calls_per_s']:.2f}", f"{theirs['calls_per_s']:.2f}", "")
+    table.add_row("step time", f"{a['step_s']:.2f} s", f"{v['step_s']:.2f} s", f"{theirs['step_s']:.2f} s",
+                  "Argus ≤ TRL")  # fmt: skip
+    table.add_row("  rollout (generation + tools)", f"{a['rollout_s']:.2f} s", f"{v['rollout_s']:.2f} s",
+                  f"{theirs['rollout_s']:.2f} s", "")  # fmt: skip
+    table.add_row("    of it generation", f"{a['generate_s']:.2f} s", f"{v['generate_s']:.2f} s", "", "")
+    table.add_row("  weight sync + probe check", "—", f"{v['sync_s']:.2f} s", "—", "")
+    table.add_row("  advantages, old log-probs, updates (+ sync)", f"{a['learn_s']:.2f} s", f"{v['learn_s']:.2f} s",
+                  "", "")  # fmt: skip
+    table.add_row("  the rest (scoring, loss, backward, step, logging)", f"{a['train_s']:.2f} s",
+                  f"{v['train_s']:.2f} s", f"{theirs['train_s']:.2f} s", "")  # fmt: skip
+    table.add_row("episodes / s", f"{a['episodes_per_s']:.2f}", f"{v['episodes_per_s']:.2f}",
+                  f"{theirs['episodes_per_s']:.2f}", "")  # fmt: skip
+    table.add_row("tool calls / s", f"{a['calls_per_s']:.2f}", f"{v['calls_per_s']:.2f}",
+                  f"{theirs['calls_per_s']:.2f}", "")  # fmt: skip
+    table.add_row("mean reward / dropped groups", f"{a['reward']:.3f} / {a['dropped']:.2f}",
+                  f"{v['reward']:.3f} / {v['dropped']:.2f}", "", "")  # fmt: skip
+    table.add_row("response tokens per episode", f"{a['tokens']:.0f}", f"{v['tokens']:.0f}", "", "")
     console.print(table)
 
 

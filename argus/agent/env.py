@@ -1,7 +1,10 @@
 """The agent environment: run one task through a policy with live tools, record and score it.
 
-Each trajectory gets its own sandbox session (the task image preloaded as `image_1` with DeepEyesV2's
-initialisation code) that is cleared at the end. Tool results come back as a user turn in DeepEyesV2's
+Each trajectory gets its own sandbox session, cleared at the end, with the task image loaded as
+`image_1` by DeepEyesV2's initialisation code. The session is opened on the trajectory's first code
+action, which runs after the initialisation code, so the code sees what DeepEyesV2's eager preload gives
+it; a trajectory that never runs code (it answers, or only searches) never boots a sandbox, which on a
+busy machine is most of what an RL step's tools cost. Tool results come back as a user turn in DeepEyesV2's
 exact strings. A failing tool becomes an observation the policy can react to; a turn with no parsable
 action ends the episode (as in DeepEyesV2), and so does the turn limit.
 """
@@ -138,6 +141,12 @@ class ToolClients:
         return data
 
 
+@dataclass
+class _Session:
+    id: str
+    opened: bool = False  # a sandbox session exists (it was asked to load the image)
+
+
 class AgentEnv:
     def __init__(
         self,
@@ -160,7 +169,7 @@ class AgentEnv:
         self.weights = (accuracy_weight, format_weight)
 
     async def run(self, task: Task, policy: Policy) -> Trajectory:
-        session = f"traj-{task.id}-{uuid.uuid4().hex[:8]}"
+        session = _Session(f"traj-{task.id}-{uuid.uuid4().hex[:8]}")
         traj = Trajectory(
             task_id=task.id,
             family=task.family,
@@ -169,7 +178,6 @@ class AgentEnv:
             start_ns=time.time_ns(),
         )
         try:
-            await self._preload_image(session, task)
             traj.finish = "max_turns"
             for _ in range(self.max_turns):
                 started, start_ns = time.perf_counter(), time.time_ns()
@@ -193,7 +201,8 @@ class AgentEnv:
                 traj.messages.append({"role": "user", "content": text})
                 traj.images.extend(images)
         finally:
-            await self.tools.close_session(session)
+            if session.opened:
+                await self.tools.close_session(session.id)
             traj.end_ns = time.time_ns()
         traj.reward = await score(
             traj.response,
@@ -205,14 +214,22 @@ class AgentEnv:
         )
         return traj
 
-    async def _preload_image(self, session: str, task: Task) -> None:
+    async def _open(self, session: _Session, task: Task) -> None:
+        """Open the session with the task image as `image_1` (once, before the first code action)."""
+        if session.opened:
+            return
+        session.opened = True
         if not task.image:
             return
         code = prompts.INITIALIZATION_CODE_TEMPLATE.format(base64_image=base64.b64encode(task.image).decode())
-        with contextlib.suppress(ToolError):  # the first code action reports the executor's state
-            await self.tools.run_code(session, code, self.code_timeout_s)
+        with contextlib.suppress(ToolError):  # the code action that follows reports the executor's state
+            await self.tools.run_code(session.id, code, self.code_timeout_s)
 
-    async def _observe(self, session: str, task: Task, action: Action, traj: Trajectory) -> tuple[str, list[bytes]]:
+    async def _observe(
+        self, session: _Session, task: Task, action: Action, traj: Trajectory
+    ) -> tuple[str, list[bytes]]:
+        if action.kind == "code" and action.error is None:
+            await self._open(session, task)  # before the clock: the call's latency is the model's code
         started, start_ns = time.perf_counter(), time.time_ns()
 
         def record(tool: Any, ok: bool, request: str, **out: Any) -> None:
@@ -229,7 +246,7 @@ class AgentEnv:
         if action.kind == "code":
             assert action.code is not None
             try:
-                out = await self.tools.run_code(session, action.code, self.code_timeout_s)
+                out = await self.tools.run_code(session.id, action.code, self.code_timeout_s)
             except ToolError as exc:
                 record("python", False, action.code, detail=str(exc))
                 return prompts.code_observation("", f"SandboxError: {exc}", 0), []

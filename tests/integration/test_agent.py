@@ -103,6 +103,27 @@ def test_each_trajectory_has_its_own_session(suite: Suite, tools_env: ToolEndpoi
     assert "isolated" in traj.messages[3]["content"]
 
 
+def test_a_sandbox_is_opened_by_the_first_code_action_only(suite: Suite, tools_env: ToolEndpoints) -> None:
+    import httpx
+
+    def starts() -> float:
+        text = httpx.get(f"{tools_env.sandbox_url}/metrics", timeout=10).text
+        lines = [line for line in text.splitlines() if line.startswith("argus_sandbox_session_starts_total")]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    search = first(suite, "search")
+    before = starts()
+    traj = run(episode(tools_env, search.task, search.gold))  # searches, then answers: no code
+    assert traj.reward is not None and traj.reward.accuracy == 1.0
+    assert starts() == before
+    # A code action finds the task image loaded, as DeepEyesV2's eager preload would leave it.
+    code = "<think>a</think>\n<code>\n```python\nprint(image_1.size)\n```\n</code>"
+    task = first(suite, "perception").task
+    traj = run(episode(tools_env, task, [code, "<think>done</think><answer>x</answer>"]))
+    assert starts() == before + 1
+    assert "stdout:\n```\n(" in traj.messages[3]["content"] and "Error" not in traj.messages[3]["content"]
+
+
 # -- malformed actions and failing tools -----------------------------------------------------------------
 
 

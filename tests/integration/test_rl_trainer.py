@@ -1,5 +1,8 @@
 """The RL trainer as a program: two-process torchrun + DeepSpeed against the real gVisor executor and the
-search proxy; MLflow metrics and trajectories; a kill after a checkpoint resumes to the same state."""
+search proxy; MLflow metrics and trajectories; a kill after a checkpoint resumes to the same state. The
+vLLM rollout engine against a real vLLM server (the CPU build): token ids and log-probabilities out,
+weights loaded in place after a step, and the probe check that catches a server whose weights are not
+the trainer's."""
 
 from __future__ import annotations
 
@@ -81,6 +84,18 @@ def tools(assets: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> I
         sandbox=SandboxSpec(runner="gvisor", warm_pool=8, max_sessions=16),
     ) as endpoints:
         yield endpoints
+
+
+@pytest.fixture(scope="module")
+def vllm_url(assets: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A vLLM server on the start model, started as `rl.vllm.urls` expects one (dev mode for the in-place
+    reload, the sampled distribution's log-probabilities)."""
+    from argus.vllm_server import LocalVLLM
+    from trainers.rl.vllm import SERVER_ARGS, SERVER_ENV
+
+    log = tmp_path_factory.mktemp("rl-vllm") / "vllm.log"
+    with LocalVLLM(assets["model"], served_name="policy", log_path=log, extra_args=SERVER_ARGS, env=SERVER_ENV) as url:
+        yield url
 
 
 def job(name: str, assets: dict[str, str], stack: StackSettings, tools: ToolEndpoints, **rl: Any) -> RLJobConfig:
@@ -239,10 +254,12 @@ def test_a_start_model_trained_with_another_prompt_is_refused(
 
 
 def test_train_rl_cli_runs_a_job_with_the_specs_tools(
-    assets: dict[str, str], stack: StackSettings, tmp_path: Path
+    assets: dict[str, str], stack: StackSettings, vllm_url: str, tmp_path: Path
 ) -> None:
     """`argus train rl`: starts the spec's code executor and search proxy, torchruns the job, prints
-    where the export went; on a spec that generates its data it asks for --data."""
+    where the export went; on a spec that generates its data it asks for --data. The spec's engine is
+    vLLM, one server for both ranks (`rl.vllm.urls`): rank 0 loads the weights into it after the step,
+    both check them there."""
     import os
     import subprocess
     import sys
@@ -253,6 +270,7 @@ def test_train_rl_cli_runs_a_job_with_the_specs_tools(
 
     spec = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     spec["rl"].update(max_steps=1, prompts_per_step=2, rollouts_per_prompt=2, micro_batch_size=2, max_turns=2)
+    spec["rl"].update(engine="vllm", vllm={"urls": [vllm_url]})
     spec["tools"]["sandbox"]["warm_pool"] = 2
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -274,3 +292,73 @@ def test_train_rl_cli_runs_a_job_with_the_specs_tools(
     assert json.loads(done.stdout.strip().splitlines()[-1])["export"] == out
     assert (Path(out) / "model.safetensors").exists()
     assert json.loads((Path(out) / "argus_export.json").read_text())["stage"] == "rl"
+    # The engine sampled with the trainer's weights, and took the step's weights (checked there).
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=stack.mlflow_url)
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.mlflow.runName = 'cli-rl'")
+    assert run, "no MLflow run for the job"
+    metrics = run[0].data.metrics
+    assert metrics["train/logprob_gap"] < 1e-3 and metrics["sync/probe_gap"] < 1e-4
+    assert run[0].data.params["engine"] == "vllm"
+
+
+def test_the_vllm_engine_samples_ids_and_a_weight_sync_is_checked(
+    assets: dict[str, str], vllm_url: str, tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from argus.agent.prompts import opening
+    from trainers.rl.rollout import STOP_TOKENS, encode
+    from trainers.rl.vllm import VLLMEngineError, VLLMServerEngine, probe_gap, write_weights
+    from trainers.sft.data import chatml_parts
+
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
+    stops = [int(tok.convert_tokens_to_ids(t)) for t in STOP_TOKENS]
+    prompt = encode(tok, opening("compact", "What is 17 * 23?")) + chatml_parts(tok, "assistant", "")[0]
+    engine = VLLMServerEngine(vllm_url, "policy", stops, temperature=0.7)
+    try:
+        assert probe_gap(engine, model, prompt) < 1e-4  # the server serves the trainer's start weights
+
+        # A group: four episodes with one opening, each sampled with its own seed.
+        samples = engine.generate([prompt] * 4, [24] * 4, seed=11)
+        assert len({tuple(s.ids) for s in samples}) > 1
+        for s in samples:
+            assert 0 < len(s.ids) <= 24 and len(s.logprobs) == len(s.ids)
+            assert s.stopped == (s.ids[-1] in stops)
+            # The log-probabilities are those of the distribution sampled from (logits / temperature).
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + s.ids])).logits[0, len(prompt) - 1 : -1]
+            ours = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(s.ids)[:, None]).squeeze(-1)
+            assert torch.allclose(ours, torch.tensor(s.logprobs), atol=1e-3)
+        assert engine.generate([prompt] * 4, [24] * 4, seed=11) == samples  # seeded
+        # A turn ends on its stop token, included; without one it runs to its budget (EOS ignored).
+        everything = VLLMServerEngine(vllm_url, "policy", list(range(len(tok))), temperature=1.0)
+        stopped = everything.generate([prompt], [16], seed=1)[0]
+        assert stopped.stopped and len(stopped.ids) == 1
+        nothing = VLLMServerEngine(vllm_url, "policy", [], temperature=1.0)
+        assert [len(s.ids) for s in nothing.generate([prompt] * 2, [16, 9], seed=1)] == [16, 9]
+
+        # The trainer takes a step the server has not seen: the probe sees it...
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(3)) * 0.05)
+        assert probe_gap(engine, model, prompt) > 0.02
+        # ...and so does it after a "sync" that drops the tied output head (Hugging Face's save_pretrained).
+        model.save_pretrained(tmp_path / "pretrained")
+        engine.load_weights(tmp_path / "pretrained")
+        assert probe_gap(engine, model, prompt) > 0.02
+        # A full state dict loads in place, and the server then agrees with the trainer.
+        engine.load_weights(write_weights(model, tmp_path / "step-1"))
+        assert probe_gap(engine, model, prompt) < 1e-4
+        # A path with no weights is refused here: vLLM's reload would take the server down with it.
+        with pytest.raises(VLLMEngineError, match=r"no model\.safetensors"):
+            engine.load_weights(tmp_path / "missing")
+        assert probe_gap(engine, model, prompt) < 1e-4
+    finally:
+        # Back to the start model for the tests that share the server (their trainers sync at start anyway).
+        start = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
+        engine.load_weights(write_weights(start, tmp_path / "start"))
+        engine.close()

@@ -194,6 +194,11 @@ class Episode:
         return self.truncated or self.timed_out
 
 
+def encode(tokenizer: Any, messages: list[Message]) -> list[int]:
+    """Messages in the ChatML layout the SFT encoder trains on, each encoded on its own."""
+    return [i for m in messages for part in chatml_parts(tokenizer, m["role"], m["content"]) for i in part]
+
+
 class TokenPolicy:
     """The AgentEnv policy of one episode: it keeps the ids and hands the environment text."""
 
@@ -208,18 +213,15 @@ class TokenPolicy:
         self.assistant = chatml_parts(tokenizer, "assistant", "")[0]
         self.newline = chatml_parts(tokenizer, "assistant", "")[2]
 
-    def _encode(self, messages: list[Message]) -> list[int]:
-        return [i for m in messages for part in chatml_parts(self.tok, m["role"], m["content"]) for i in part]
-
     async def __call__(self, messages: list[Message], images: list[bytes]) -> str:
         ep = self.ep
         if not ep.ids:
-            ep.extend(self._encode(messages) + self.assistant, sampled=False)
+            ep.extend(encode(self.tok, messages) + self.assistant, sampled=False)
         else:
             # The turn stopped at the end of an action (or its own <|im_end|>): close it as ChatML does,
             # then the observation and the next assistant header, none of it the policy's.
             closing = [] if ep.ids[-1] == self.end else [self.end]
-            observed = closing + self.newline + self._encode(messages[self.seen :]) + self.assistant
+            observed = closing + self.newline + encode(self.tok, messages[self.seen :]) + self.assistant
             ep.extend(observed, sampled=False)
         left = self.budget - ep.generated
         if left <= 0:

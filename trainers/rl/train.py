@@ -10,10 +10,14 @@ normalises rewards within each prompt's group, and takes one optimizer step of t
 averaged over the sampled tokens (`trainers.rl.grpo`). Groups with equal rewards carry no signal and are
 dropped (counted); episodes cut by the token budget or the time limit are masked out.
 
-The in-process engine generates with the weights being trained, so there is nothing to sync; what is
-checked every step is the same thing a separate engine would need: the engine's log-probabilities of
-the tokens it sampled against the trainer's recomputation, failing loudly past `LOGPROB_TOLERANCE`
-(a sign of a stale or corrupted policy, or of a mismatched tokenisation).
+Two rollout engines behind one interface (`rl.engine`). The in-process engine generates with the weights
+being trained, so there is nothing to sync. The vLLM engine (`trainers.rl.vllm`) samples from a vLLM
+server, one per rank (started here, colocated, unless `rl.vllm.urls` names running ones); after every
+step, and once at the start (a resumed job's weights are not the server's), the trainer loads its
+weights into the server and checks the server's log-probabilities of a probe sequence against its own,
+failing loudly past `rl.vllm.probe_tolerance`. Checked every step for both: the engine's
+log-probabilities of the tokens it sampled against the trainer's recomputation, failing loudly past
+`LOGPROB_TOLERANCE` (a sign of a stale or corrupted policy, or of a mismatched tokenisation).
 
 Checkpoints and resume are `trainers.base`'s: model, optimizer, scheduler, RNG and the MLflow run; the
 step is the data position. Rank 0 logs per-step figures to MLflow and prints `ARGUS {json}` progress.
@@ -25,27 +29,36 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from collections import Counter, defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 from argus import events, tracking
+from argus.agent.prompts import opening as opening_messages
 from argus.agent.task import Task
 from argus.agent.traces import log_trajectories
 from argus.config import RLJobConfig
 from argus.data.formats import DataFormatError, read_rl_parquet
 from argus.models.export import export_record, prompt_mismatch
 from argus.storage import read_uri
+from argus.vllm_server import LocalVLLM, VLLMError
 from trainers.base import DeepSpeedTrainer, materialise_model, run_program
 from trainers.rl.grpo import group_advantages, policy_loss, token_logprobs
-from trainers.rl.rollout import Episode, InProcessEngine, RolloutResult, rollout
+from trainers.rl.rollout import STOP_TOKENS, Engine, Episode, InProcessEngine, RolloutResult, encode, rollout
+from trainers.rl.vllm import SERVER_ARGS, SERVER_ENV, VLLMEngineError, VLLMServerEngine, probe_gap, write_weights
 
 log = logging.getLogger("argus.rl")
 LOGPROB_TOLERANCE = 0.05  # mean |engine - trainer| log-probability per sampled token
+PROBE_TOKENS = 512  # of the first task's opening: what the engine and the trainer both score after a sync
 
 
 class RLTrainer(DeepSpeedTrainer):
@@ -60,21 +73,22 @@ class RLTrainer(DeepSpeedTrainer):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         job = self.job
-        if job.rl.engine != "in-process":
-            raise SystemExit(f"error: {job.job_name}: rl.engine {job.rl.engine!r} is not available in this trainer")
         model_dir = materialise_model(job.model, self.model_cache(), self.settings)
         reason = prompt_mismatch(str(model_dir), job.prompt, "trained by RL", None)
         if reason:
             raise SystemExit(f"error: {reason}")
         self.start_record = export_record(str(model_dir)) or {}
         config = AutoConfig.from_pretrained(model_dir)
-        if config.model_type in ("qwen2_5_vl", "qwen2_vl"):
-            raise SystemExit(
-                f"error: {job.model}: the in-process rollout engine generates with text models only; "
-                "a vision-language model needs rl.engine: vllm"
-            )
-        if job.rl.deepspeed.zero_stage == 3:
-            raise SystemExit("error: rl.deepspeed.zero_stage 3 shards the weights the in-process engine samples from")
+        if job.rl.engine == "in-process":
+            if config.model_type in ("qwen2_5_vl", "qwen2_vl"):
+                raise SystemExit(
+                    f"error: {job.model}: the in-process rollout engine generates with text models only; "
+                    "a vision-language model needs rl.engine: vllm"
+                )
+            if job.rl.deepspeed.zero_stage == 3:
+                raise SystemExit(
+                    "error: rl.deepspeed.zero_stage 3 shards the weights the in-process engine samples from"
+                )
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         self.reference: Any = None
@@ -91,6 +105,94 @@ class RLTrainer(DeepSpeedTrainer):
             1, math.ceil(job.rl.epochs * len(self.tasks) / job.rl.prompts_per_step)
         )
         self.initialize(model, self.total_steps * job.rl.updates_per_step)
+        opening = encode(self.tokenizer, opening_messages(job.prompt, self.tasks[0].question))
+        self.probe = opening[:PROBE_TOKENS]
+        self.server: LocalVLLM | None = None
+        self.rollout_engine: Engine = self.start_engine(model_dir, str(config.model_type))
+
+    def start_engine(self, model_dir: Path, model_type: str) -> Engine:
+        """The rollout engine of this rank: in-process, or a vLLM server (colocated: started here)."""
+        spec = self.rl
+        if spec.engine == "in-process":
+            return InProcessEngine(self.engine.module, self.tokenizer, temperature=spec.temperature)
+        stops = [int(self.tokenizer.convert_tokens_to_ids(t)) for t in STOP_TOKENS]
+        urls = spec.vllm.urls
+        # Ranks that share a server: the first of them loads the weights into it, the others only probe.
+        self.syncs = not urls or self.rank < len(urls)
+        if urls:
+            url = urls[self.rank % len(urls)]
+            served = served_model(url)
+        else:
+            env = dict(SERVER_ENV)
+            if torch.cuda.is_available():  # colocated: the server shares this rank's GPU
+                env["CUDA_VISIBLE_DEVICES"] = os.environ.get("LOCAL_RANK", "0")
+            served = "policy"
+            self.server = LocalVLLM(
+                str(model_dir),
+                served_name=served,
+                log_path=self.work / "vllm.log",
+                max_model_len=spec.vllm.max_model_len,
+                dtype="bfloat16" if spec.precision == "bf16" else "float32",
+                memory_fraction=spec.vllm.memory_fraction,
+                extra_args=[*SERVER_ARGS, "--seed", str(spec.seed)],
+                env=env,
+                startup_timeout_s=spec.vllm.startup_timeout_s,
+            )
+            try:
+                url = self.server.start()
+            except VLLMError as exc:
+                msg = f"error: {self.job.job_name}: the colocated vLLM server did not start: {exc}"
+                raise SystemExit(msg) from None
+            log.info("rank %d: colocated vLLM server for %s (%s) at %s", self.rank, model_dir, model_type, url)
+        return VLLMServerEngine(
+            url,
+            served,
+            stops,
+            temperature=spec.temperature,
+            timeout_s=spec.vllm.request_timeout_s,
+            concurrency=spec.vllm.concurrency,
+        )
+
+    def sync_engine(self, step: int) -> dict[str, float]:
+        """Load the trainer's weights into this rank's vLLM server, then check them there (a no-op for
+        the in-process engine, which samples from the trainer's own weights)."""
+        engine = self.rollout_engine
+        if not isinstance(engine, VLLMServerEngine):
+            return {}
+        started = time.perf_counter()
+        module = self.engine.module
+        root = self.work / "vllm-weights"
+        # Under ZeRO-3 every rank holds a shard: all of them take part in gathering the full weights.
+        gather = (
+            self.deepspeed.zero.GatheredParameters(list(module.parameters()))
+            if self.rl.deepspeed.zero_stage == 3
+            else nullcontext()
+        )
+        with gather:
+            if self.syncs:
+                written = write_weights(module, root / f"step-{step}")
+        if self.syncs:
+            engine.load_weights(written)
+            for old in root.iterdir():
+                if old != written:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()  # a shared server has its new weights before anyone probes it
+        gap = probe_gap(engine, module, self.probe)
+        tolerance = self.rl.vllm.probe_tolerance
+        if gap > tolerance:
+            raise VLLMEngineError(
+                f"step {step}: after the weight sync the vLLM server at {engine.url} disagrees with the trainer: "
+                f"mean |log-prob gap| {gap:.4f} on the {len(self.probe)}-token probe > {tolerance} "
+                "(weights that did not load, or a different model)"
+            )
+        return {"time/sync_s": time.perf_counter() - started, "sync/probe_gap": gap}
+
+    def close(self) -> None:
+        if isinstance(self.rollout_engine, VLLMServerEngine):
+            self.rollout_engine.close()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
     def prompts_at(self, step: int) -> list[Task]:
         """This rank's prompts of `step` (0-based): a seeded permutation per epoch, read in order."""
@@ -107,11 +209,10 @@ class RLTrainer(DeepSpeedTrainer):
 
     def play(self, step: int) -> RolloutResult:
         job = self.job
-        engine = InProcessEngine(self.engine.module, self.tokenizer, temperature=job.rl.temperature)
         return asyncio.run(
             rollout(
                 self.prompts_at(step),
-                engine,
+                self.rollout_engine,
                 self.tokenizer,
                 group_size=job.rl.rollouts_per_prompt,
                 seed=hash((job.rl.seed, step, self.rank)) & 0x7FFFFFFF,
@@ -261,12 +362,14 @@ class RLTrainer(DeepSpeedTrainer):
         )
         every = job.rl.checkpoint.every_steps
         try:
+            self.sync_engine(step)  # a resumed job's weights are the checkpoint's, not the start model's
             while step < self.total_steps:
                 started = time.perf_counter()
                 result = self.play(step)
                 rolled = time.perf_counter()
                 figures = self.learn(result.episodes)
                 step += 1
+                figures.update(self.sync_engine(step))
                 figures.update(self.rollout_figures(result))
                 figures["time/rollout_s"] = rolled - started
                 figures["time/generate_s"] = result.generate_s
@@ -298,6 +401,8 @@ class RLTrainer(DeepSpeedTrainer):
             if tracker is not None:
                 tracker.end("FAILED")
             raise
+        finally:
+            self.close()
         if tracker is not None:
             tracker.set_tags({tracking.TAG_EXPORT_URI: job.output_uri})
             tracker.end("FINISHED")
@@ -373,6 +478,18 @@ class Batch:
 
 
 SHOWN = ("rollout/", "reward/", "time/")  # the figures a progress line carries beside loss and lr
+
+
+def served_model(url: str) -> str:
+    """The model name a running vLLM server serves (its first)."""
+    root = url.rstrip("/").removesuffix("/v1")
+    try:
+        models = httpx.get(f"{root}/v1/models", timeout=30).json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        raise SystemExit(f"error: rl.vllm.urls: {root} does not answer as a vLLM server: {exc!r}") from None
+    if not models:
+        raise SystemExit(f"error: rl.vllm.urls: {root} serves no model")
+    return str(models[0]["id"])
 
 
 def reward_of(ep: Episode) -> float:

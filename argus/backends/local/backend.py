@@ -30,10 +30,10 @@ from argus.backends.base import (
 )
 from argus.backends.local.launch import TrainingRun
 from argus.backends.local.tools import LocalToolEnvironment
-from argus.backends.local.vllm import LocalVLLM
 from argus.config import ServingTarget, StackSettings, ToolsSpec
 from argus.events import Event, Restarting
 from argus.storage import download_dir, is_s3
+from argus.vllm_server import LocalVLLM
 
 
 class _Deployment(BaseModel):

@@ -1,8 +1,11 @@
 """vLLM's OpenAI-compatible server as a local process, from the serving virtualenv.
 
-vLLM lives in `.venv-serve` (its FastAPI range excludes Prefect's); this starts
-`python -m vllm.entrypoints.openai.api_server` there, waits for `/health` and `/v1/models`, and stops
-its whole process group. On clusters the official vLLM image runs the same server.
+vLLM lives in its own virtualenv (`.venv-serve`, or `ARGUS_VLLM_PYTHON`; its FastAPI range excludes
+Prefect's); this starts `python -m vllm.entrypoints.openai.api_server` there, waits for `/health` and
+`/v1/models`, and stops its whole process group. Two users: the local backend's serving and evaluation
+endpoints, and the RL trainer's colocated rollout engine (one server per rank, `trainers.rl.vllm`),
+which is why it lives in the core and not in a backend. On clusters the official vLLM image runs the
+same server for serving.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class LocalVLLM:
     # machines where other processes hold memory.
     memory_fraction: float = 0.2
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # on top of this process's environment
     startup_timeout_s: float = 300.0
     # A server for one evaluation dies with the process that started it; a deployment kept for
     # staging/production must outlive the CLI that deployed it.
@@ -86,6 +90,7 @@ class LocalVLLM:
             # process. Measured on 2 cores, tiny model: ready in 37-38 s instead of 57-61 s, and 24 chat
             # completions (8 at a time, 128 tokens each) in 2.3 s instead of 5.3 s.
             "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
+            **self.env,
         }
         _popen, self.record = supervision.spawn(cmd, env=env, log_path=self.log_path, owned=self.owned)
         if not supervision.wait_until(self._ready, timeout_s=self.startup_timeout_s, interval_s=1.0):

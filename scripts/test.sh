@@ -11,6 +11,14 @@ VENV=.venv/bin
 # The layer rule (pyproject [tool.importlinter]): cli → flows → backends / stack → core, no cycles.
 "$VENV/lint-imports" --no-cache || exit 1
 
+# The copy pre-trained tiny model that the quickstart pipeline test and the learning test start from,
+# built once here, alone, into a cache that outlives the run (named by its recipe, like DeepSpeed's ops
+# in .venv/torch_extensions): built inside the suite, it was built by whichever test came first while
+# the other worker held the second core, 653 s instead of ~110 s (measured, 2026-12-04).
+export ARGUS_TEST_TINY_MODEL_CACHE="${ARGUS_TEST_TINY_MODEL_CACHE:-$PWD/.argus/test-models}"
+"$VENV/python" -c 'import os, sys; from pathlib import Path; from argus.models import tiny
+print("tiny model for the tests:", tiny.built("qwen2", "mini", 0, Path(os.environ["ARGUS_TEST_TINY_MODEL_CACHE"])))' || exit 1
+
 # Two workers, one file each at a time (a module's fixtures are built once): most tests wait on
 # servers, sandboxes and subprocesses more than they compute, so two share the 2 cores (measured on
 # 2 cores: 28m43 on two workers against ~38 min one test at a time; pinning OMP_NUM_THREADS=1 made it

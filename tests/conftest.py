@@ -44,7 +44,13 @@ class Cli:
 def tiny_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache of built tiny base models for the session: the copy pre-trained `mini` (minutes of
     training, deterministic for its seed) is built by the first test that needs it and reused by the
-    others, as homes that share `ARGUS_TINY_MODEL_CACHE` reuse it."""
+    others, as homes that share `ARGUS_TINY_MODEL_CACHE` reuse it. `ARGUS_TEST_TINY_MODEL_CACHE` names a
+    cache that outlives the session: `scripts/test.sh` builds the `mini` there before the workers start,
+    so that no test builds it while the other worker competes for the two cores."""
+    if os.environ.get("ARGUS_TEST_TINY_MODEL_CACHE"):
+        kept = Path(os.environ["ARGUS_TEST_TINY_MODEL_CACHE"])
+        kept.mkdir(parents=True, exist_ok=True)
+        return kept
     if os.environ.get("PYTEST_XDIST_WORKER"):  # one cache for every worker: their basetemps share a parent
         shared = tmp_path_factory.getbasetemp().parent / "tiny-models"
         shared.mkdir(exist_ok=True)

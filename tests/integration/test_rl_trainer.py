@@ -333,7 +333,9 @@ def test_the_vllm_engine_samples_ids_and_a_weight_sync_is_checked(
                 logits = model(input_ids=torch.tensor([prompt + s.ids])).logits[0, len(prompt) - 1 : -1]
             ours = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(s.ids)[:, None]).squeeze(-1)
             assert torch.allclose(ours, torch.tensor(s.logprobs), atol=1e-3)
-        assert engine.generate([prompt] * 4, [24] * 4, seed=11) == samples  # seeded
+        # Not asserted: the same seeds giving the same samples. Requests that share a server batch (and
+        # its prefix cache) do not repeat bit for bit, as vLLM documents; a resumed vLLM-engine job
+        # replays its data order and seeds, not its exact rollouts (the in-process engine's does).
         # A turn ends on its stop token, included; without one it runs to its budget (EOS ignored).
         everything = VLLMServerEngine(vllm_url, "policy", list(range(len(tok))), temperature=1.0)
         stopped = everything.generate([prompt], [16], seed=1)[0]

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 from argus import events, tracking
@@ -54,7 +53,15 @@ from argus.vllm_server import LocalVLLM, VLLMError
 from trainers.base import DeepSpeedTrainer, materialise_model, run_program
 from trainers.rl.grpo import group_advantages, policy_loss, token_logprobs
 from trainers.rl.rollout import STOP_TOKENS, Engine, Episode, InProcessEngine, RolloutResult, encode, rollout
-from trainers.rl.vllm import SERVER_ARGS, SERVER_ENV, VLLMEngineError, VLLMServerEngine, probe_gap, write_weights
+from trainers.rl.vllm import (
+    SERVER_ARGS,
+    SERVER_ENV,
+    VLLMEngineError,
+    VLLMServerEngine,
+    probe_gap,
+    served_model,
+    write_weights,
+)
 
 log = logging.getLogger("argus.rl")
 LOGPROB_TOLERANCE = 0.05  # mean |engine - trainer| log-probability per sampled token
@@ -478,18 +485,6 @@ class Batch:
 
 
 SHOWN = ("rollout/", "reward/", "time/")  # the figures a progress line carries beside loss and lr
-
-
-def served_model(url: str) -> str:
-    """The model name a running vLLM server serves (its first)."""
-    root = url.rstrip("/").removesuffix("/v1")
-    try:
-        models = httpx.get(f"{root}/v1/models", timeout=30).json()["data"]
-    except (httpx.HTTPError, ValueError, KeyError) as exc:
-        raise SystemExit(f"error: rl.vllm.urls: {root} does not answer as a vLLM server: {exc!r}") from None
-    if not models:
-        raise SystemExit(f"error: rl.vllm.urls: {root} serves no model")
-    return str(models[0]["id"])
 
 
 def reward_of(ep: Episode) -> float:

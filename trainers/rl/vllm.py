@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import torch
 
+from trainers.rl.grpo import token_logprobs
 from trainers.rl.rollout import Sample
 
 SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # /collective_rpc, for the in-place weight reload
@@ -146,9 +147,20 @@ def probe_gap(engine: VLLMServerEngine, model: torch.nn.Module, ids: list[int]) 
     model.eval()
     try:
         with torch.no_grad():
-            device = next(model.parameters()).device
-            logits = model(input_ids=torch.tensor([ids], device=device)).logits.float()
+            batch = torch.tensor([ids], device=next(model.parameters()).device)
+            ours, _entropy = token_logprobs(model, batch, torch.ones_like(batch))
     finally:
         model.train(was_training)
-    ours = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, torch.tensor(ids[1:], device=device)[:, None])
-    return float((ours.squeeze(-1).cpu() - theirs).abs().mean())
+    return float((ours[0].cpu() - theirs).abs().mean())
+
+
+def served_model(url: str) -> str:
+    """The model name a running vLLM server serves (its first)."""
+    root = url.rstrip("/").removesuffix("/v1")
+    try:
+        models = httpx.get(f"{root}/v1/models", timeout=30).json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        raise SystemExit(f"error: rl.vllm.urls: {root} does not answer as a vLLM server: {exc!r}") from None
+    if not models:
+        raise SystemExit(f"error: rl.vllm.urls: {root} serves no model")
+    return str(models[0]["id"])

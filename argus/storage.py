@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,14 +124,39 @@ def write_uri(uri: str | Path, data: bytes, settings: StackSettings | None = Non
     tmp.replace(path)
 
 
+def upload_files(
+    pairs: Sequence[tuple[Path, str]],
+    settings: StackSettings | None = None,
+    *,
+    workers: int = 8,
+    on_done: Callable[[int], None] = lambda _n: None,
+) -> list[str]:
+    """Copy each local file to its URI with `workers` writes in flight, and return the URIs once every
+    write has finished. A put to the object store is mostly waiting on the round trip, so one at a time
+    left the CPU idle: the quickstart's 3,544 data files took 39 s. `on_done(n)` after each write (n so
+    far). The first failure is raised after the writes not yet started are cancelled; the files already
+    written stay, and a reader knows them incomplete because callers write their marker afterwards."""
+
+    def put(path: Path, uri: str) -> None:
+        write_uri(uri, path.read_bytes(), settings)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="upload") as pool:
+        futures = [pool.submit(put, path, uri) for path, uri in pairs]
+        try:
+            for done, future in enumerate(as_completed(futures), 1):
+                future.result()
+                on_done(done)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return [uri for _path, uri in pairs]
+
+
 def upload_dir(local: Path, uri: str, settings: StackSettings | None = None) -> list[str]:
     """Copy every file under `local` to the prefix `uri` (local or s3://); returns the written URIs."""
-    written = []
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        dest = join_uri(uri, *path.relative_to(local).parts)
-        write_uri(dest, path.read_bytes(), settings)
-        written.append(dest)
-    return written
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    return upload_files([(path, join_uri(uri, *path.relative_to(local).parts)) for path in files], settings)
 
 
 def download_dir(uri: str, local: Path, settings: StackSettings | None = None) -> Path:

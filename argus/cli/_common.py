@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -19,7 +20,7 @@ from pydantic_settings import BaseSettings
 from rich.console import Console
 from rich.table import Table
 
-from argus.config import PipelineSpec, StackSettings
+from argus.config import DNS_LABEL, PipelineSpec, StackSettings
 from argus.specfile import SpecError, load_spec
 
 # Piped output (CI logs, `| tee`) gets lines wide enough to read instead of rich's 80 columns.
@@ -71,6 +72,14 @@ def spec_or_exit(path: str | Path) -> PipelineSpec:
     except SpecError as exc:
         print_spec_issues(exc)
         raise typer.Exit(1) from None
+
+
+def run_name_or_exit(name: str) -> str:
+    """`name` when it can name a run: it becomes a Kubernetes object name, a Prefect flow run and part of
+    S3 keys, so it must be a DNS label; otherwise a one-line error and exit 2, before anything starts."""
+    if not re.match(DNS_LABEL, name):
+        exit_with_error(f"--run-name {name!r} must be a DNS label (lowercase letters, digits, '-')", 2)
+    return name
 
 
 def start_stack(settings: StackSettings) -> StackSettings:

@@ -15,7 +15,6 @@ returns at once with `--detach`).
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -28,13 +27,14 @@ from argus.cli._common import (
     err_console,
     exit_with_error,
     prepare_flow_env,
+    run_name_or_exit,
     spec_or_exit,
     stack_settings,
     start_stack,
 )
 from argus.cli.report import print_result
 from argus.cli.stage_view import StageView
-from argus.config import DNS_LABEL, PipelineSpec, StackSettings, repo_root
+from argus.config import PipelineSpec, StackSettings, repo_root
 from argus.events import fmt_duration
 
 if TYPE_CHECKING:
@@ -56,9 +56,7 @@ def run_command(
     With `backend: kubernetes` the flow runs in the cluster of the spec's kube context (the current one
     if unset) and this command submits it and shows its stages."""
     spec = spec_or_exit(spec_file)
-    run = run_name or spec.name
-    if not re.match(DNS_LABEL, run):
-        exit_with_error(f"--run-name {run!r} must be a DNS label (lowercase letters, digits, '-')", 2)
+    run = run_name_or_exit(run_name or spec.name)
     if spec.backend == "kubernetes":
         run_on_cluster(spec_file, spec, run, detach=detach)
         return

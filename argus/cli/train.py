@@ -12,6 +12,7 @@ from argus.cli._common import (
     console,
     err_console,
     exit_with_error,
+    run_name_or_exit,
     spec_or_exit,
     stack_settings,
     start_stack,
@@ -49,7 +50,7 @@ def train_sft(
             "--out DIR` and pass --data DIR/sft/sft.json, or run the whole pipeline with `argus run`",
             2,
         )
-    name = run_name or f"{spec.name}-sft"
+    name = run_name_or_exit(run_name or f"{spec.name}-sft")
     settings = start_stack(settings)
     if model is None:
         with console.status("base model…"):
@@ -95,7 +96,7 @@ def train_rl(
             2,
         )
     search = search_data or spec.data.search_corpus or join_uri(dataset.rsplit("/", 2)[0], "search")
-    name = run_name or f"{spec.name}-rl"
+    name = run_name_or_exit(run_name or f"{spec.name}-rl")
     settings = start_stack(settings)
     backend = LocalBackend(settings)
     with console.status("tool environment (code executor, search proxy)…"):

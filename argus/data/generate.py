@@ -35,7 +35,7 @@ from argus.config import Prompt, SandboxSpec, StackSettings, ToolsSpec
 from argus.data import formats
 from argus.data.search_index import build_index
 from argus.data.tasks import MiniTask, Suite, build_suite
-from argus.storage import join_uri, write_uri
+from argus.storage import join_uri, upload_files, write_uri
 
 
 class ToolUrls(Protocol):
@@ -174,9 +174,11 @@ def generate(
             rel = path.relative_to(staging).as_posix()
             manifest["files"][rel] = hashlib.sha256(path.read_bytes()).hexdigest()
         on_progress("upload", 0, len(files))
-        for i, path in enumerate(files, 1):
-            write_uri(join_uri(out, *path.relative_to(staging).parts), path.read_bytes(), stack)
-            on_progress("upload", i, len(files))
+        upload_files(
+            [(path, join_uri(out, *path.relative_to(staging).parts)) for path in files],
+            stack,
+            on_done=lambda i: on_progress("upload", i, len(files)),
+        )
         # The manifest last: a reader that finds it knows every file it lists is complete.
         write_uri(join_uri(out, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode(), stack)
     return GenerateResult(out=out, manifest=manifest)

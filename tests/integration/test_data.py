@@ -13,7 +13,7 @@ from argus.config import StackSettings
 from argus.data import formats
 from argus.data.formats import DataFormatError
 from argus.data.tasks import build_suite
-from argus.storage import download_dir, read_uri
+from argus.storage import download_dir, read_uri, upload_files
 from tests.conftest import Cli, s3_endpoint
 
 pytestmark = pytest.mark.integration
@@ -29,6 +29,22 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackSettings]:
 def tasks() -> list[Task]:
     suite = build_suite(seed=5, sft_size=4, rl_size=8, eval_size=4)
     return [m.task for m in suite.rl]
+
+
+def test_parallel_upload_writes_every_file_and_raises_the_first_failure(tmp_path: Path, s3: StackSettings) -> None:
+    files = []
+    for i in range(40):
+        path = tmp_path / "src" / f"d{i % 3}" / f"f{i}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes([i]) * (i + 1))
+        files.append((path, f"s3://{s3.bucket_data}/upload/{path.parent.name}/{path.name}"))
+    seen: list[int] = []
+    assert upload_files(files, s3, workers=6, on_done=seen.append) == [uri for _p, uri in files]
+    assert seen == list(range(1, 41))
+    assert all(read_uri(uri, s3) == path.read_bytes() for path, uri in files)
+    missing = [*files[:5], (tmp_path / "src" / "gone.bin", f"s3://{s3.bucket_data}/upload/gone.bin")]
+    with pytest.raises(FileNotFoundError, match=r"gone\.bin"):
+        upload_files(missing, s3, workers=2)
 
 
 # -- formats ------------------------------------------------------------------------------------------

@@ -190,6 +190,25 @@ def test_validate_cli(tmp_path: Path) -> None:
     assert f"{bad}:" in result.output and "sft.max_seqlen: unknown key (did you mean 'max_seq_len'?)" in result.output
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run"],
+        ["train", "sft", "--data", "sft.json", "--config"],
+        ["train", "rl", "--model", "m", "--data", "rl.parquet", "--config"],
+    ],
+)
+def test_a_run_name_that_cannot_name_a_job_is_refused_before_anything_starts(
+    command: list[str], tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        app, [*command, str(EXAMPLES / "quickstart.yaml"), "--run-name", "Try-A", "--home", str(tmp_path)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "--run-name 'Try-A' must be a DNS label" in result.output
+    assert not (tmp_path / "stack").exists()  # refused before the stack was started
+
+
 def test_stack_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ARGUS_HOME", str(tmp_path))
     monkeypatch.setenv("ARGUS_MLFLOW_PORT", "5123")

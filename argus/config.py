@@ -276,6 +276,19 @@ class VLLMRolloutSpec(StrictModel):
         return urls
 
 
+class FilterGroupsSpec(StrictModel):
+    """DAPO's dynamic sampling (verl's `algorithm.filter_groups`): a group whose rollouts all earn the same
+    reward has zero advantage and teaches nothing, so a rank that finds fewer than its share of groups
+    with differing rewards rolls out more prompts, up to `max_batches` batches, and trains on the groups
+    with signal first. Without it a step trains on whatever its prompts gave (the quickstart's SFT model
+    solves most of its prompts every time: half to seven eighths of its groups were all-equal)."""
+
+    enabled: bool = False
+    max_batches: int = Field(
+        3, ge=1, description="rollout batches a rank may play a step to find mixed groups (verl: max_num_gen_batches)"
+    )
+
+
 class RLSpec(TrainingJobSpec):
     """GRPO with multi-turn tool rollouts, DeepEyesV2's settings where it has them (verl's agent loop)."""
 
@@ -301,6 +314,10 @@ class RLSpec(TrainingJobSpec):
     vllm: VLLMRolloutSpec = Field(default_factory=VLLMRolloutSpec, description="the vLLM engine's servers")
     tool_timeout_s: float = Field(30.0, gt=0, description="per tool call")
     episode_timeout_s: float = Field(300.0, gt=0, description="per episode; past it the episode is masked")
+    filter_groups: FilterGroupsSpec = Field(
+        default_factory=FilterGroupsSpec,
+        description="dynamic sampling: roll out more prompts to fill a step with groups that carry signal",
+    )
     trajectories_every: int = Field(10, ge=0, description="log sampled trajectories every N steps (0: never)")
     reward: RewardSpec = Field(default_factory=RewardSpec)
 

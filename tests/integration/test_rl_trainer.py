@@ -167,14 +167,22 @@ def test_grpo_trains_against_live_tools_and_resumes_exactly_after_a_kill(
     import mlflow
     import torch
 
+    # With dynamic sampling (a rank short of groups with signal plays a second batch of prompts), so the
+    # resume below also checks that the extra batches are a pure function of the step.
+    dynamic = {"filter_groups": {"enabled": True, "max_batches": 2}}
     ref_events: list[events.Event] = []
-    ref = start(job("rl-ref", assets, stack, tools), stack, tmp_path)
+    ref = start(job("rl-ref", assets, stack, tools, **dynamic), stack, tmp_path)
     assert ref.wait(ref_events.append) == 0, ref.log_path.read_text()[-3000:]
     ref_steps = steps(ref_events)
     assert sorted(ref_steps) == [1, 2, 3, 4]
     for step in ref_steps.values():
-        assert step.metrics["rollout/episodes"] == 8  # 4 prompts x 2 rollouts over both ranks
+        batches = step.metrics["rollout/batches"]  # the mean over the two ranks of the batches each played
+        assert batches in (1.0, 1.5, 2.0)
+        assert step.metrics["rollout/episodes"] == 8 * batches  # a batch: 2 prompts x 2 rollouts a rank
         assert 0.0 <= step.metrics["rollout/dropped_groups"] <= 1.0
+        # A rank trains on an equal-reward group only after its last batch found too few with signal.
+        if step.metrics["rollout/dropped_groups"] > 0:
+            assert batches >= 1.5
     # The warm-started policy acts: tools were called, and some groups carried a learning signal.
     assert any(s.metrics["rollout/tool_calls_per_episode"] > 0 for s in ref_steps.values())
     assert any(s.metrics["rollout/dropped_groups"] < 1.0 for s in ref_steps.values())
@@ -183,7 +191,7 @@ def test_grpo_trains_against_live_tools_and_resumes_exactly_after_a_kill(
     # but its manifest is not written. That step directory must never be chosen; step 2 is the latest.
     first: list[events.Event] = []
     fault = {"ARGUS_FAULT": "checkpoint-commit:step-00000004"}
-    killed = start(job("rl-killed", assets, stack, tools), stack, tmp_path, env=fault)
+    killed = start(job("rl-killed", assets, stack, tools, **dynamic), stack, tmp_path, env=fault)
     assert killed.wait(first.append) != 0
     store = CheckpointStore(f"s3://{stack.bucket_checkpoints}/tests/rl-killed", stack)
     assert "step-00000004" in store._children()  # the half-committed step is there...
@@ -192,7 +200,7 @@ def test_grpo_trains_against_live_tools_and_resumes_exactly_after_a_kill(
     run_id = next(e.mlflow_run_id for e in first if isinstance(e, events.Start))
 
     second: list[events.Event] = []
-    again = start(job("rl-killed", assets, stack, tools), stack, tmp_path)
+    again = start(job("rl-killed", assets, stack, tools, **dynamic), stack, tmp_path)
     assert again.wait(second.append) == 0, again.log_path.read_text()[-3000:]
     resumed = next(e for e in second if isinstance(e, events.Resumed))
     assert resumed.step == 2
@@ -200,7 +208,12 @@ def test_grpo_trains_against_live_tools_and_resumes_exactly_after_a_kill(
     assert sorted(after) == [3, 4]
     for n, step in after.items():  # the same rollouts (seeded by step) and the same updates
         assert step.loss == pytest.approx(ref_steps[n].loss, rel=1e-5, abs=1e-7)
-        for key in ("reward/overall/mean", "rollout/response_tokens", "rollout/tool_calls_per_episode"):
+        for key in (
+            "reward/overall/mean",
+            "rollout/response_tokens",
+            "rollout/tool_calls_per_episode",
+            "rollout/batches",
+        ):
             assert step.metrics[key] == pytest.approx(ref_steps[n].metrics[key], abs=1e-9), key
     a = weights(f"s3://{stack.bucket_models}/tests/rl-ref", stack, tmp_path / "ref")
     b = weights(f"s3://{stack.bucket_models}/tests/rl-killed", stack, tmp_path / "killed")
@@ -219,6 +232,8 @@ def test_grpo_trains_against_live_tools_and_resumes_exactly_after_a_kill(
         "rollout/turns",
         "rollout/response_tokens",
         "rollout/dropped_groups",
+        "rollout/signal_groups",
+        "rollout/batches",
         "rollout/masked_token_share",
         "train/entropy",
         "train/clip_fraction",

@@ -76,6 +76,8 @@ BAD_SPECS = [
     (quickstart, "rl.vllm.url", "http://127.0.0.1:8000", "rl.vllm.url", "did you mean 'urls'"),
     (quickstart, "rl.vllm.urls", ["127.0.0.1:8000"], "rl.vllm.urls", "not an http(s):// URL"),
     (quickstart, "rl.vllm.probe_tolerance", 0, "rl.vllm.probe_tolerance", "greater than 0"),
+    (quickstart, "rl.filter_groups.max_batches", 0, "rl.filter_groups.max_batches", "greater than or equal to 1"),
+    (quickstart, "rl.filter_groups.enable", True, "rl.filter_groups.enable", "did you mean 'enabled'"),
     (cluster, "data.sft", "s3://Bad_Bucket/x", "data.sft", "pattern"),
     (cluster, "sft.node_pool", "a100", "sft.node_pool", "unknown node pool 'a100'"),
     (cluster, "data.eval", "data/val.parquet", "data.eval", "local path, which pods cannot read"),

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from trainers.rl.grpo import group_advantages, policy_loss
+from trainers.rl.grpo import group_advantages, groups_with_signal_first, has_signal, policy_loss
 
 
 def test_group_advantages_normalise_within_groups_and_drop_equal_groups() -> None:
@@ -24,6 +24,19 @@ def test_group_advantages_normalise_within_groups_and_drop_equal_groups() -> Non
     assert adv.kept.tolist() == [True] * 4 + [False] * 4 + [True] * 4
     with pytest.raises(ValueError, match="do not form groups of 4"):
         group_advantages(torch.zeros(6), 4)
+
+
+def test_dynamic_sampling_trains_on_groups_with_signal_first_and_keeps_the_step_its_size() -> None:
+    played = [[1.0, 1.0], [0.2, 1.0], [0.0, 0.0], [1.0, 0.0], [0.2, 0.2], [0.0, 1.0]]
+    assert [has_signal(g) for g in played] == [False, True, False, True, False, True]
+    # Enough groups with signal: only those, in the order played.
+    assert groups_with_signal_first(played, 3) == [1, 3, 5]
+    assert groups_with_signal_first(played, 2) == [1, 3]
+    # Too few: all of them, then the first equal groups to keep the size (their advantages are 0).
+    assert groups_with_signal_first(played, 5) == [0, 1, 2, 3, 5]
+    assert groups_with_signal_first(played[:3], 2) == [0, 1]
+    with pytest.raises(ValueError, match="3 groups played, 4 needed"):
+        groups_with_signal_first(played[:3], 4)
 
 
 def test_policy_loss_is_a_token_mean_of_the_clipped_surrogate() -> None:

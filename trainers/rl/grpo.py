@@ -11,9 +11,12 @@ estimator exp(ref - logp) - (ref - logp) - 1. A group whose rewards are all equa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+EQUAL_REWARDS = 1e-9  # rewards of a group closer than this are equal: the group carries no signal
 
 
 @dataclass(frozen=True)
@@ -31,10 +34,28 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     grouped = rewards.float().view(-1, group_size)
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True, unbiased=True)
-    equal = (grouped.max(dim=1).values - grouped.min(dim=1).values) <= 1e-9
+    equal = (grouped.max(dim=1).values - grouped.min(dim=1).values) <= EQUAL_REWARDS
     adv = torch.where(equal[:, None], torch.zeros_like(grouped), (grouped - mean) / (std + eps))
     kept = (~equal)[:, None].expand_as(grouped)
     return Advantages(adv.reshape(-1), kept.reshape(-1), int(equal.sum()), grouped.shape[0])
+
+
+def has_signal(rewards: Sequence[float]) -> bool:
+    """Whether a group's rewards differ, i.e. its advantages are not all zero."""
+    return max(rewards) - min(rewards) > EQUAL_REWARDS
+
+
+def groups_with_signal_first(groups: Sequence[Sequence[float]], want: int) -> list[int]:
+    """Which `want` of the played groups (each a prompt's rewards) a step trains on, in the order played:
+    every group whose rewards differ, up to `want`, then all-equal ones to keep the step its size (their
+    advantages are zero and they are counted as dropped). DAPO's dynamic sampling keeps only groups with
+    signal; the step keeps its size here because every rank must make the same updates over the same
+    number of micro-batches, whatever its prompts gave."""
+    if len(groups) < want:
+        raise ValueError(f"{len(groups)} groups played, {want} needed")
+    mixed = [i for i, g in enumerate(groups) if has_signal(g)]
+    equal = [i for i, g in enumerate(groups) if not has_signal(g)]
+    return sorted((mixed + equal)[:want])
 
 
 @dataclass(frozen=True)

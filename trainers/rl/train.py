@@ -51,7 +51,7 @@ from argus.models.export import export_record, prompt_mismatch
 from argus.storage import read_uri
 from argus.vllm_server import LocalVLLM, VLLMError
 from trainers.base import DeepSpeedTrainer, materialise_model, run_program
-from trainers.rl.grpo import group_advantages, policy_loss, token_logprobs
+from trainers.rl.grpo import group_advantages, groups_with_signal_first, has_signal, policy_loss, token_logprobs
 from trainers.rl.rollout import STOP_TOKENS, Engine, Episode, InProcessEngine, RolloutResult, encode, rollout
 from trainers.rl.vllm import (
     SERVER_ARGS,
@@ -201,28 +201,55 @@ class RLTrainer(DeepSpeedTrainer):
             self.server.stop()
             self.server = None
 
-    def prompts_at(self, step: int) -> list[Task]:
-        """This rank's prompts of `step` (0-based): a seeded permutation per epoch, read in order."""
+    def prompts_at(self, step: int, batch: int = 0) -> list[Task]:
+        """This rank's prompts of `step` (0-based): a seeded permutation per epoch, read in order. Batch
+        `b > 0` of a step (dynamic sampling's extra prompts) reads the same positions of another seeded
+        permutation, so the prompts stay a pure function of the step and a resumed step replays them."""
         n, per_step = len(self.tasks), self.rl.prompts_per_step
         picked = []
         for k in range(step * per_step + self.rank * self.per_rank, step * per_step + (self.rank + 1) * self.per_rank):
             epoch, i = divmod(k, n)
             order = list(range(n))
-            random.Random(f"{self.rl.seed}-{epoch}").shuffle(order)
+            random.Random(f"{self.rl.seed}-{epoch}" + (f"-b{batch}" if batch else "")).shuffle(order)
             picked.append(self.tasks[order[i]])
         return picked
 
     # -- one step --------------------------------------------------------------------------------------
 
-    def play(self, step: int) -> RolloutResult:
+    def play(self, step: int) -> tuple[RolloutResult, list[Episode]]:
+        """The step's rollouts, and the episodes it trains on. With `rl.filter_groups` a rank that found
+        fewer than its share of groups with differing rewards plays further batches of prompts (at most
+        `max_batches`), and trains on the groups with signal first (`groups_with_signal_first`)."""
+        spec, size = self.rl, self.rl.rollouts_per_prompt
+        played = [self.play_batch(step, 0)]
+        episodes = list(played[0].episodes)
+
+        def groups() -> list[list[float]]:
+            return [[reward_of(ep) for ep in episodes[g : g + size]] for g in range(0, len(episodes), size)]
+
+        if spec.filter_groups.enabled:
+            while len(played) < spec.filter_groups.max_batches and sum(map(has_signal, groups())) < self.per_rank:
+                played.append(self.play_batch(step, len(played)))
+                episodes.extend(played[-1].episodes)
+        chosen = groups_with_signal_first(groups(), self.per_rank)
+        trained = [ep for g in chosen for ep in episodes[g * size : (g + 1) * size]]
+        result = RolloutResult(
+            episodes,
+            sum(r.seconds for r in played),
+            sum(r.generate_s for r in played),
+            [b for r in played for b in r.batches],
+        )
+        return result, trained
+
+    def play_batch(self, step: int, batch: int) -> RolloutResult:
         job = self.job
         return asyncio.run(
             rollout(
-                self.prompts_at(step),
+                self.prompts_at(step, batch),
                 self.rollout_engine,
                 self.tokenizer,
                 group_size=job.rl.rollouts_per_prompt,
-                seed=hash((job.rl.seed, step, self.rank)) & 0x7FFFFFFF,
+                seed=hash((job.rl.seed, step, self.rank, *((batch,) if batch else ()))) & 0x7FFFFFFF,
                 sandbox_url=job.sandbox_url,
                 search_url=job.search_url,
                 prompt=job.prompt,
@@ -231,7 +258,7 @@ class RLTrainer(DeepSpeedTrainer):
                 response_tokens=job.rl.max_response_tokens,
                 tool_timeout_s=job.rl.tool_timeout_s,
                 episode_timeout_s=job.rl.episode_timeout_s,
-                run_id=f"{job.job_name}-step{step}-r{self.rank}",
+                run_id=f"{job.job_name}-step{step}-r{self.rank}" + (f"-b{batch}" if batch else ""),
             )
         )
 
@@ -372,12 +399,14 @@ class RLTrainer(DeepSpeedTrainer):
             self.sync_engine(step)  # a resumed job's weights are the checkpoint's, not the start model's
             while step < self.total_steps:
                 started = time.perf_counter()
-                result = self.play(step)
+                result, trained = self.play(step)
                 rolled = time.perf_counter()
-                figures = self.learn(result.episodes)
+                figures = self.learn(trained)
                 step += 1
                 figures.update(self.sync_engine(step))
                 figures.update(self.rollout_figures(result))
+                # Every batch a rank plays has its share of prompts, so this counts the batches played.
+                figures["rollout/batches"] = len(result.episodes) / len(trained)
                 figures["time/rollout_s"] = rolled - started
                 figures["time/generate_s"] = result.generate_s
                 figures["time/train_s"] = time.perf_counter() - rolled
@@ -429,6 +458,9 @@ class RLTrainer(DeepSpeedTrainer):
             out[f"reward/{family}/accuracy"] = sum(r.accuracy for r in rewards) / n
             out[f"reward/{family}/format_rate"] = sum(r.format for r in rewards) / n
         totals = [reward_of(ep) for ep in eps]
+        size = self.rl.rollouts_per_prompt
+        groups = [totals[g : g + size] for g in range(0, len(totals), size)]
+        out["rollout/signal_groups"] = sum(map(has_signal, groups)) / max(len(groups), 1)
         mean = sum(totals) / max(len(totals), 1)
         out["reward/overall/std"] = math.sqrt(sum((t - mean) ** 2 for t in totals) / max(len(totals), 1))
         calls = [c for ep in eps if ep.trajectory for c in ep.trajectory.tool_calls]

@@ -135,7 +135,8 @@ def upload_files(
     write has finished. A put to the object store is mostly waiting on the round trip, so one at a time
     left the CPU idle: the quickstart's 3,544 data files took 39 s. `on_done(n)` after each write (n so
     far). The first failure is raised after the writes not yet started are cancelled; the files already
-    written stay, and a reader knows them incomplete because callers write their marker afterwards."""
+    written stay, so a caller that needs all or nothing writes its marker after this returns (the data
+    generator's manifest)."""
 
     def put(path: Path, uri: str) -> None:
         write_uri(uri, path.read_bytes(), settings)

@@ -23,8 +23,10 @@ from rich.table import Table
 from argus.config import DNS_LABEL, PipelineSpec, StackSettings
 from argus.specfile import SpecError, load_spec
 
-# Piped output (CI logs, `| tee`) gets lines wide enough to read instead of rich's 80 columns.
-console = Console() if sys.stdout.isatty() else Console(width=140)
+# Piped output (CI logs, `| tee`) gets lines wide enough to read instead of rich's 80 columns: 200 fit
+# the pipeline's three-evaluation table without folding its intervals (at 140 each folded over three
+# lines). An explicit COLUMNS wins, as it does on a terminal.
+console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=200)
 err_console = Console(stderr=True)
 
 HomeOption = Annotated[

@@ -216,6 +216,10 @@ class RunTracker:
     def __init__(self, experiment: str, run_name: str, *, tags: dict[str, str], resume_run_id: str | None = None):
         import os
 
+        # MLflow exports traces on 10 threads by default, and metrics and artifacts go out beside them:
+        # with its default HTTP pool of 10 connections, urllib3 warned "Connection pool is full,
+        # discarding connection" at every batch of RL trajectories. Set before MLflow's session exists.
+        os.environ.setdefault("MLFLOW_HTTP_POOL_MAXSIZE", "32")
         import mlflow
 
         self.mlflow = mlflow

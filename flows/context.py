@@ -2,9 +2,10 @@
 
 `open_run` loads the spec, checks the run name, picks the backend, and finds (or creates) the
 pipeline's MLflow run, under which every stage's runs nest. `RunContext.stage(name)` times a stage for
-the result table: the wall time, the time inside the stage's own program (data generation, training,
-serving and evaluation: the stage reports it on the clock), and whether Prefect skipped it because an
-earlier run finished it. `close` ends the MLflow run and stops what the run started and still runs.
+the result table (`RunContext.beside`, a stage submitted to run beside the ones that follow): the wall
+time, the time inside the stage's own program (data generation, training, serving and evaluation: the
+stage reports it on the clock), and whether Prefect skipped it because an earlier run finished it.
+`close` ends the MLflow run and stops what the run started and still runs.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from argus import tracking
@@ -28,6 +30,8 @@ from argus.specfile import SpecError, load_spec
 from flows.results import StageTiming
 from flows.runtime import FlowError, artifact_key, flow_run_links, make_backend, mlflow_client, stack_settings
 from flows.serving import endpoint_name
+
+T = TypeVar("T")
 
 
 class PipelineError(FlowError):
@@ -56,6 +60,7 @@ class RunContext:
     lineage: dict[str, str] = field(default_factory=dict)  # tags on every MLflow object the run makes
     stages: list[StageTiming] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # servers started for the promotion that follows
+    beside_runs: list[PrefectFuture[Any]] = field(default_factory=list)  # stages started by `beside`
     started: float = field(default_factory=time.monotonic)
 
     @contextlib.contextmanager
@@ -65,7 +70,29 @@ class RunContext:
         started = time.monotonic()
         clock = StageClock()
         yield clock
-        timing = StageTiming(stage=name, wall_s=time.monotonic() - started, work_s=clock.work_s, cached=clock.cached)
+        self._record(name, started, time.monotonic(), clock)
+
+    def beside(self, name: str, future: PrefectFuture[T]) -> Callable[[], T]:
+        """Stage `name`, a task submitted just now (`future`), running beside the stages that follow.
+        The returned call waits for its result and records the stage, timed from the submission to the
+        task's own end (not to whenever the pipeline got round to waiting), so the table shows the overlap."""
+        started = time.monotonic()
+        ended: list[float] = []
+        self.beside_runs.append(future)
+        future.add_done_callback(lambda _f: ended.append(time.monotonic()))
+
+        def wait() -> T:
+            result = future.result()
+            end = ended[0] if ended else time.monotonic()
+            self._record(name, started, end, StageClock(work_s=end - started))
+            return result
+
+        return wait
+
+    def _record(self, name: str, started: float, ended: float, clock: StageClock) -> None:
+        timing = StageTiming(
+            stage=name, wall_s=ended - started, work_s=clock.work_s, cached=clock.cached, ended_s=ended - self.started
+        )
         self.stages.append(timing)
         import mlflow
 
@@ -85,9 +112,12 @@ class RunContext:
 
     def close(self, status: str, metrics: dict[str, float]) -> None:
         """End the pipeline's MLflow run; after a failure, stop the servers kept for a promotion that will
-        not happen (never one a stable endpoint routes to)."""
+        not happen (never one a stable endpoint routes to). Stages still running beside the failed one
+        are waited for first: a server still starting would come up after its removal."""
         import mlflow
 
+        for future in self.beside_runs:
+            future.wait()
         try:
             if status != "FINISHED" and self.kept:
                 stable = self.backend.endpoint(endpoint_name(self.spec.model.registered_name))

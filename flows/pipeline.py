@@ -1,5 +1,7 @@
 """`pipeline`: data → tool environment → cold-start SFT → RL → evaluation (base, SFT, RL) → registry → serving.
 
+The candidate's staging server starts while the model before it is evaluated; everything else runs in order.
+
 Each stage (`flows.stages`) is a Prefect task or subflow over the `Backend`, so the same flow runs on
 this machine and on a cluster. Stage results are persisted under keys of their inputs (spec sections,
 data hashes, model fingerprints, the run name): re-running a spec with the same run name skips what

@@ -42,16 +42,26 @@ def _markdown_table(columns: list[str], rows: list[list[str]]) -> str:
 
 
 def stage_rows(stages: list[StageTiming]) -> list[list[str]]:
-    """stage, state, wall, program: the one stage table (CLI and Prefect)."""
-    return [
-        [
-            s.stage,
-            "skipped (done earlier)" if s.cached else "ran",
-            fmt_duration(s.wall_s),
-            "" if s.cached else fmt_duration(s.work_s),
-        ]
-        for s in stages
-    ]
+    """stage, state, wall, program: the one stage table (CLI and Prefect). A stage that ran beside
+    others says which, so that the wall column is not read as a sum."""
+
+    def span(s: StageTiming) -> tuple[float, float] | None:
+        return None if s.ended_s is None else (s.ended_s - s.wall_s, s.ended_s)
+
+    def beside(s: StageTiming) -> list[str]:
+        mine = span(s)
+        if mine is None:
+            return []
+        others = [(o.stage, span(o)) for o in stages if o is not s]
+        return [name for name, theirs in others if theirs and min(mine[1], theirs[1]) - max(mine[0], theirs[0]) > 1.0]
+
+    def state(s: StageTiming) -> str:
+        if s.cached:
+            return "skipped (done earlier)"
+        overlapping = beside(s)
+        return f"ran beside {', '.join(overlapping)}" if overlapping else "ran"
+
+    return [[s.stage, state(s), fmt_duration(s.wall_s), "" if s.cached else fmt_duration(s.work_s)] for s in stages]
 
 
 def eval_section(reports: dict[str, EvalReport]) -> str:

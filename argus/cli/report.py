@@ -80,6 +80,7 @@ def stage_table(result: PipelineResult) -> Table:
     """The one stage table: every stage the run went through (deploy included) with its wall time and
     the time inside its own program, one duration format, one total."""
     from argus.events import fmt_duration
+    from flows.results import busy_s
     from flows.summary import stage_rows
 
     table = Table(title=f"stages of {result.run_name}", title_justify="left")
@@ -87,7 +88,7 @@ def stage_table(result: PipelineResult) -> Table:
         table.add_column(col, justify="left" if col in ("stage", "state") else "right")
     for row in stage_rows(result.stages):
         table.add_row(*row)
-    work = sum(s.work_s for s in result.stages if not s.cached)
+    work = busy_s(result.stages)  # stages that ran side by side count once
     table.add_row(
         "[bold]total[/]",
         f"orchestration {fmt_duration(result.overhead_s)}",

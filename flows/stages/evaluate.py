@@ -306,21 +306,28 @@ def evaluate(
 
 def run(ctx: RunContext, data: DataRef, tools: ToolEndpoints, models: dict[str, str]) -> dict[str, EvalReport]:
     """Evaluate each model (label → URI; the first is the baseline) on the spec's first suite. The last
-    one is the candidate: when the spec promotes it, its evaluation server is kept as the staging one."""
+    one is the candidate: when the spec promotes it, its evaluation server is kept as the staging one,
+    and started while the model before it is evaluated (a vLLM server's start is ~20 s, mostly imports
+    and loading, that the evaluation's waits on tools leave room for)."""
     spec = ctx.spec
     suite = spec.eval.suites[0]
     if not data.root:
         suite = suite.model_copy(update={"data": suite.data or data.eval})
+    labels = list(models)
+    candidate = labels[-1] if len(labels) > 1 and spec.serving.promote_to != "none" else None
+    staging: Callable[[], ModelServer] | None = None
     reports: dict[str, EvalReport] = {}
     for i, (label, model_uri) in enumerate(models.items()):
+        if candidate is not None and i == len(labels) - 2:
+            name = deployment_name(spec.model.registered_name, models[candidate], ctx.settings)
+            submitted = deploy.submit(
+                ctx.backend, name, models[candidate], spec.serving.staging, spec.model.registered_name
+            )
+            staging = ctx.beside(f"deploy-{candidate}", submitted)
+            ctx.kept.append(name)  # removed by `close` if the run fails before the promotion
         server = None
-        if i == len(models) - 1 and i > 0 and spec.serving.promote_to != "none":
-            with ctx.stage(f"deploy-{label}") as clock:
-                started = time.monotonic()
-                name = deployment_name(spec.model.registered_name, model_uri, ctx.settings)
-                server = deploy(ctx.backend, name, model_uri, spec.serving.staging, spec.model.registered_name)
-                clock.work_s = time.monotonic() - started
-                ctx.kept.append(server.name)
+        if label == candidate and staging is not None:
+            server = staging()
         with ctx.stage(f"evaluate-{label}") as clock:
             report = evaluate(
                 model_uri,

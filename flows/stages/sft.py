@@ -82,6 +82,10 @@ def build_base_model(spec: PipelineSpec) -> tuple[str, str]:
 
 
 def base_model(ctx: RunContext) -> tuple[str, str]:
+    """The spec's base model (URI, fingerprint), after the data and tool stages rather than beside them:
+    on 2 cores both are CPU-bound, and run side by side the copy pre-training (torch's threads waiting on
+    each other at every op) and the data stage both slowed so much that the pair took 35 s longer than
+    in sequence (measured on a fresh quickstart)."""
     with ctx.stage("base-model") as clock:
         started = time.monotonic()
         uri, digest = build_base_model(ctx.spec)

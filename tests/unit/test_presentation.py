@@ -132,6 +132,28 @@ def test_summary_and_lineage_card_carry_the_stages_the_numbers_and_the_links() -
     assert "| overall |" in card
 
 
+def test_orchestration_overhead_counts_overlapping_stages_once() -> None:
+    from flows.results import busy_s
+    from flows.summary import stage_rows
+
+    # The candidate's server starts (100-118 s) while the SFT model is evaluated (10-160 s, of which
+    # 140 s in its program); the RL evaluation follows. Busy: 20-160 and 165-295.
+    stages = [
+        StageTiming(stage="evaluate-sft", wall_s=150.0, work_s=140.0, ended_s=160.0),
+        StageTiming(stage="deploy-rl", wall_s=18.0, work_s=18.0, ended_s=118.0),
+        StageTiming(stage="evaluate-rl", wall_s=135.0, work_s=130.0, ended_s=295.0),
+        StageTiming(stage="register", wall_s=0.4, work_s=0.3, cached=True, ended_s=295.4),
+    ]
+    assert busy_s(stages) == pytest.approx(270.0)
+    result = _result().model_copy(update={"stages": stages, "wall_s": 300.0})
+    assert result.overhead_s == pytest.approx(30.0)
+    states = {row[0]: row[1] for row in stage_rows(stages)}
+    assert states["deploy-rl"] == "ran beside evaluate-sft" and states["evaluate-sft"] == "ran beside deploy-rl"
+    assert states["evaluate-rl"] == "ran" and states["register"] == "skipped (done earlier)"
+    # In sequence, busy is the sum of the work, with or without the stages' places.
+    assert busy_s(_result().stages) == pytest.approx(2.5 + 150.0 + 83.0 + 250.0)
+
+
 @pytest.mark.parametrize("width", [80, 120])
 def test_cli_tables_never_cut_a_url(width: int) -> None:
     from argus.cli import report

@@ -76,6 +76,11 @@ def _mlflow_command(s: StackSettings) -> list[str]:
         f"s3://{s.bucket_mlflow}/artifacts",
         "--workers",
         "1",
+        # Clients (MLflow's own, requests-based) keep connections open between calls; uvicorn closed them
+        # after 5 s idle, and a trace export that picked one up just then was reset and retried, with a
+        # urllib3 warning in the run's log. Idle connections now stay open longer than the clients' pauses.
+        "--uvicorn-opts",
+        "--timeout-keep-alive 120",
     ]
 
 

@@ -83,9 +83,9 @@ def build_base_model(spec: PipelineSpec) -> tuple[str, str]:
 
 def base_model(ctx: RunContext) -> tuple[str, str]:
     """The spec's base model (URI, fingerprint), after the data and tool stages rather than beside them:
-    on 2 cores both are CPU-bound, and run side by side the copy pre-training (torch's threads waiting on
-    each other at every op) and the data stage both slowed so much that the pair took 35 s longer than
-    in sequence (measured on a fresh quickstart)."""
+    on 2 cores both are CPU-bound, and side by side the copy pre-training ran at a quarter of its speed
+    and the data stage slowed too, so the three stages took as long as in sequence (3m49 against 3m48
+    on fresh quickstarts) for more moving parts."""
     with ctx.stage("base-model") as clock:
         started = time.monotonic()
         uri, digest = build_base_model(ctx.spec)

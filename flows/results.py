@@ -99,8 +99,9 @@ class StageTiming(BaseModel):
 
 def busy_s(stages: list[StageTiming]) -> float:
     """Seconds in which some stage's program was at work. A stage's work is placed at the end of its
-    wall time (what precedes it is Prefect's and the backend's), and overlapping stages (the base model
-    is built while the data is prepared) count once: so `wall - busy` stays the orchestration's share."""
+    wall time (what precedes it is Prefect's and the backend's), and overlapping stages (the candidate's
+    server starts while the model before it is evaluated) count once: `wall - busy` stays the
+    orchestration's share."""
     ran = [s for s in stages if not s.cached]
     busy = sum(s.work_s for s in ran if s.ended_s is None)  # timings without their place (older results)
     reach = float("-inf")

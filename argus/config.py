@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Kubernetes object names are built from spec names, so they must be DNS-1123 labels.
@@ -244,6 +244,13 @@ class RewardSpec(StrictModel):
         return self
 
 
+# vLLM's CPU build takes its KV cache as a share of the machine's whole memory and writes all of it at
+# start-up: 0.2 of 24 GiB is 4.7 GiB per server, of which a tiny model uses well under 1%. Four such
+# servers on one machine (an evaluation beside a staging deployment, in two pipelines) were killed by the
+# kernel's OOM killer. vLLM's --kv-cache-memory-bytes sizes it outright.
+_KV_CACHE_WHY = "Set it where several servers share one machine's memory (vLLM's CPU build)."
+
+
 class VLLMRolloutSpec(StrictModel):
     """The vLLM rollout engine (`rl.engine: vllm`): where its servers are and how far they may disagree
     with the trainer. Unset `urls`: every rank starts its own colocated server from the vLLM virtualenv
@@ -256,6 +263,9 @@ class VLLMRolloutSpec(StrictModel):
     )
     memory_fraction: float = Field(
         0.2, gt=0, le=1, description="a colocated server's --gpu-memory-utilization (on CPU: its KV-cache share)"
+    )
+    kv_cache_memory: ByteSize | None = Field(
+        None, gt=0, description=f"a colocated server's KV cache ('1GiB'); overrides memory_fraction. {_KV_CACHE_WHY}"
     )
     max_model_len: int = Field(4096, ge=64, description="a colocated server's context length")
     startup_timeout_s: float = Field(600.0, gt=0, description="for a colocated server to become ready")
@@ -517,7 +527,18 @@ class ServingTarget(StrictModel):
     node_pool: str | None = None
     resources: Resources = Field(default_factory=Resources)
     max_model_len: int | None = Field(None, ge=16)
+    kv_cache_memory: ByteSize | None = Field(
+        None,
+        gt=0,
+        description=f"KV cache per server ('1GiB'); unset: vLLM sizes it from its memory share. {_KV_CACHE_WHY}",
+    )
     extra_args: list[str] = Field(default_factory=list, description="extra vLLM server arguments")
+
+    def server_args(self) -> list[str]:
+        """The vLLM server arguments this target adds to the model and its name, as the cluster's vLLM
+        Deployment takes them (the local server takes the KV cache as a field, in place of its share)."""
+        kv = ["--kv-cache-memory-bytes", str(int(self.kv_cache_memory))] if self.kv_cache_memory else []
+        return [*kv, *self.extra_args]
 
 
 class ServingSpec(StrictModel):

@@ -41,6 +41,9 @@ class LocalVLLM:
     # On CPU this is the share of memory vLLM reserves for its KV cache; the default (0.9) fails on
     # machines where other processes hold memory.
     memory_fraction: float = 0.2
+    # The KV cache outright (--kv-cache-memory-bytes), in place of the share: on CPU the share is of the
+    # whole machine and all of it is written at start-up, whatever the model needs.
+    kv_cache_bytes: int | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict, repr=False)  # on top of this process's environment
     startup_timeout_s: float = 300.0
@@ -53,12 +56,9 @@ class LocalVLLM:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
-    def start(self) -> str:
-        python = serving_python()
-        if not python.exists():
-            raise VLLMError(f"no serving virtualenv at {python} (run scripts/setup.sh)")
-        cmd = [
-            str(python),
+    def command(self) -> list[str]:
+        return [
+            str(serving_python()),
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
@@ -74,13 +74,22 @@ class LocalVLLM:
             self.dtype,
             "--max-model-len",
             str(self.max_model_len),
-            "--gpu-memory-utilization",
-            str(self.memory_fraction),
+            *(
+                ["--kv-cache-memory-bytes", str(self.kv_cache_bytes)]
+                if self.kv_cache_bytes
+                else ["--gpu-memory-utilization", str(self.memory_fraction)]
+            ),
             # One model replica on one device: no distributed executor.
             "--distributed-executor-backend",
             "uni",
             *self.extra_args,
         ]
+
+    def start(self) -> str:
+        python = serving_python()
+        if not python.exists():
+            raise VLLMError(f"no serving virtualenv at {python} (run scripts/setup.sh)")
+        cmd = self.command()
         env = {
             **os.environ,
             "VLLM_NO_USAGE_STATS": "1",

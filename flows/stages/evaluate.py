@@ -290,7 +290,7 @@ def evaluate(
         suite_fingerprint=suite_fp,
         tools=tools,
         tools_spec=tools_spec or ToolsSpec(),
-        serving=serving or ServingTarget(),
+        serving=serving or (spec.serving.staging if spec is not None else ServingTarget()),
         backend_kind=backend_kind,
         experiment=experiment,
         parent_run_id=parent_run_id,

@@ -107,7 +107,9 @@ def test_tool_environment_children_and_status(cluster: Emulator) -> None:
     pod = daemonset.spec.template.spec
     assert pod.runtime_class_name == "gvisor" and pod.node_selector["argus.dev/pool"] == "train"
     assert daemonset.metadata.owner_references[0].kind == "ToolEnvironment"
-    assert core.read_namespaced_service("run1-tools-sandbox", NS).spec.internal_traffic_policy == "Local"
+    # The operator applies the children one after another: the Service may land after the DaemonSet.
+    service = wait(cluster, lambda: core.read_namespaced_service("run1-tools-sandbox", NS))
+    assert service.spec.internal_traffic_policy == "Local"
     search = wait(cluster, lambda: apps.read_namespaced_deployment("run1-tools-search", NS))
     assert search.spec.replicas == 3
     assert search.spec.template.spec.volumes[0].secret.secret_name == "serpapi-api-key"

@@ -94,7 +94,15 @@ def vllm_url(assets: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
     from trainers.rl.vllm import SERVER_ARGS, SERVER_ENV
 
     log = tmp_path_factory.mktemp("rl-vllm") / "vllm.log"
-    with LocalVLLM(assets["model"], served_name="policy", log_path=log, extra_args=SERVER_ARGS, env=SERVER_ENV) as url:
+    server = LocalVLLM(
+        assets["model"],
+        served_name="policy",
+        log_path=log,
+        kv_cache_bytes=256 << 20,  # not 0.2 of the machine (4.7 GiB) beside the other tests
+        extra_args=SERVER_ARGS,
+        env=SERVER_ENV,
+    )
+    with server as url:
         yield url
 
 

@@ -165,3 +165,24 @@ def test_dockerfiles_copy_what_exists_and_start_real_modules() -> None:
     assert {p.parent.name for p in (REPO / "images").glob("*/Dockerfile")} == {
         "trainer", "sandbox", "search", "operator", "flows"
     }  # fmt: skip
+
+
+def test_a_kv_cache_size_reaches_the_vllm_server_in_place_of_the_memory_share() -> None:
+    from argus.backends.kubernetes.crds import ModelServingSpec
+    from argus.backends.kubernetes.render import model_serving
+    from argus.config import PipelineSpec
+    from argus.vllm_server import LocalVLLM
+    from operators.children import revision_deployment
+
+    doc = yaml.safe_load((REPO / "examples" / "deepeyesv2-7b.yaml").read_text())
+    doc["serving"]["production"]["kv_cache_memory"] = "2GiB"
+    spec = PipelineSpec.model_validate(doc)
+    serving = ModelServingSpec.model_validate(model_serving(spec, "production", "s3://m/v1", "r1", "argus")["spec"])
+    args = revision_deployment("p", serving)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--kv-cache-memory-bytes") + 1] == str(2 << 30)
+
+    share = LocalVLLM("m", "m", Path("log")).command()
+    sized = LocalVLLM("m", "m", Path("log"), kv_cache_bytes=512 << 20).command()
+    assert share[share.index("--gpu-memory-utilization") + 1] == "0.2" and "--kv-cache-memory-bytes" not in share
+    assert sized[sized.index("--kv-cache-memory-bytes") + 1] == str(512 << 20)
+    assert "--gpu-memory-utilization" not in sized

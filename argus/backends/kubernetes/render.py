@@ -229,7 +229,7 @@ def serving_resource(
         node_pool=_pool(spec, target.node_pool),
         resources=target.resources,
         max_model_len=target.max_model_len,
-        extra_args=target.extra_args,
+        extra_args=target.server_args(),
     )
     return custom_resource("ModelServing", name, namespace, body, {"argus.dev/spec": spec.name, **labels})
 

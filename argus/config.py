@@ -537,7 +537,7 @@ class ServingTarget(StrictModel):
     def server_args(self) -> list[str]:
         """The vLLM server arguments this target adds to the model and its name, as the cluster's vLLM
         Deployment takes them (the local server takes the KV cache as a field, in place of its share)."""
-        kv = ["--kv-cache-memory-bytes", str(int(self.kv_cache_memory))] if self.kv_cache_memory else []
+        kv = ["--kv-cache-memory-bytes", str(self.kv_cache_memory)] if self.kv_cache_memory else []
         return [*kv, *self.extra_args]
 
 

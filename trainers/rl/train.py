@@ -141,7 +141,7 @@ class RLTrainer(DeepSpeedTrainer):
                 max_model_len=spec.vllm.max_model_len,
                 dtype="bfloat16" if spec.precision == "bf16" else "float32",
                 memory_fraction=spec.vllm.memory_fraction,
-                kv_cache_bytes=int(spec.vllm.kv_cache_memory) if spec.vllm.kv_cache_memory else None,
+                kv_cache_bytes=spec.vllm.kv_cache_memory,
                 extra_args=[*SERVER_ARGS, "--seed", str(spec.seed)],
                 env=env,
                 startup_timeout_s=spec.vllm.startup_timeout_s,

@@ -208,7 +208,7 @@ class LocalBackend(Backend):
             served_name=served_name,
             log_path=workdir / "vllm.log",
             max_model_len=target.max_model_len or 4096,
-            kv_cache_bytes=int(target.kv_cache_memory) if target.kv_cache_memory else None,
+            kv_cache_bytes=target.kv_cache_memory,  # a ByteSize is an int
             extra_args=list(target.extra_args),
             owned=not keep,
         )

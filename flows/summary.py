@@ -16,8 +16,9 @@ from flows.runtime import artifact_key, mlflow_client
 
 
 def comparison(reports: dict[str, EvalReport]) -> dict[str, list[Any]]:
-    """One row per task: task, family, gold answer, then each evaluation's answer, reward and whether it
-    was right, in evaluation order (base, sft, rl); columns → values, as `MlflowClient.log_table` takes."""
+    """One row per task: task, family, gold answer, then each evaluation's answer, reward, whether it was
+    right and how many of its samples were, in evaluation order (base, sft, rl); columns → values, as
+    `MlflowClient.log_table` takes."""
     rows: dict[str, dict[str, Any]] = {}  # in the suite's order: the first evaluation's
     for label, report in reports.items():
         for r in report.tasks:
@@ -26,8 +27,11 @@ def comparison(reports: dict[str, EvalReport]) -> dict[str, list[Any]]:
             row[f"{label} reward"] = round(float(r["reward"]), 3)
             row[f"{label} correct"] = bool(r["accuracy"] >= 1.0)
             row[f"{label} trace"] = r.get("trace_id")
+            # Of the k samples at temperature 1 (None where the task was not sampled): a greedy failure
+            # that no sample solves is one RL's sharpening cannot reach.
+            row[f"{label} samples solved"] = r.get("solved_by_samples")
     columns = ["task", "family", "gold"] + [
-        f"{label} {what}" for label in reports for what in ("answer", "reward", "correct", "trace")
+        f"{label} {what}" for label in reports for what in ("answer", "reward", "correct", "samples solved", "trace")
     ]
     return {c: [row.get(c) for row in rows.values()] for c in columns}
 

@@ -142,8 +142,17 @@ def metrics_table(
     labels = list(results)
     last = results[labels[-1]]
     families = sorted(last, key=lambda f: (f != "overall", f))
+    passes = sorted(
+        {k for m in last.values() for k in (m if isinstance(m, Mapping) else {}) if k.startswith("pass_at_")},
+        key=lambda k: int(k.rsplit("_", 1)[1]),
+    )
+
+    def pass_cells(m: Metrics | Mapping[str, Any]) -> list[str]:
+        return [f"{get(m, k):.3f}" if get_or(m, k) is not None else "-" for k in passes]
+
     if len(labels) == 1:
         columns = ["family", "n", "accuracy", "format rate", "tool-call rate", "tool mix", "mean turns"]
+        columns += [f"pass@{k.rsplit('_', 1)[1]}" for k in passes]
         rows = [
             [
                 family,
@@ -153,15 +162,12 @@ def metrics_table(
                 f"{get(m, 'tool_call_rate'):.3f}",
                 " ".join(f"{k} {v:.2f}" for k, v in get(m, "tool_mix").items()),
                 f"{get(m, 'mean_turns'):.2f}",
+                *pass_cells(m),
             ]
             for family, m in ((f, last[f]) for f in families)
         ]
         return columns, rows
     final = labels[-1]
-    passes = sorted(
-        {k for m in last.values() for k in (m if isinstance(m, Mapping) else {}) if k.startswith("pass_at_")}
-    )
-    passes.sort(key=lambda k: int(k.rsplit("_", 1)[1]))
     columns = [
         "family",
         "n",
@@ -179,11 +185,15 @@ def metrics_table(
             *(f"{get(results[label][family], 'format_rate'):.3f}" for label in labels),
             f"{get(last[family], 'tool_call_rate'):.3f}",
             f"{get(last[family], 'mean_turns'):.2f}",
-            *(f"{get(last[family], k):.3f}" if get_or(last[family], k) is not None else "-" for k in passes),
+            *pass_cells(last[family]),
         ]
         for family in families
     ]
     return columns, rows
+
+
+def _solved(t: Trajectory) -> bool:
+    return bool(t.reward and t.reward.accuracy >= 1.0)
 
 
 def pass_rates(samples: list[list[Trajectory]]) -> dict[str, dict[str, float]]:
@@ -196,7 +206,7 @@ def pass_rates(samples: list[list[Trajectory]]) -> dict[str, dict[str, float]]:
     groups["overall"] = [list(t) for t in zip(*samples, strict=True)]
     out = {}
     for family, tasks in sorted(groups.items()):
-        solved = [[bool(t.reward and t.reward.accuracy >= 1.0) for t in task] for task in tasks]
+        solved = [[_solved(t) for t in task] for task in tasks]
         # `pass_at_k`, not `pass@k`: MLflow metric names allow no `@`.
         out[family] = {
             "pass_at_1": sum(sum(s) for s in solved) / (k * len(solved)) if solved else 0.0,
@@ -206,6 +216,11 @@ def pass_rates(samples: list[list[Trajectory]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def solved_counts(samples: list[list[Trajectory]]) -> list[int]:
+    """Per task, how many of the k sampled runs solved it (same layout as `pass_rates` takes)."""
+    return [sum(_solved(t) for t in per_task) for per_task in zip(*samples, strict=True)]
+
+
 @dataclass
 class EvalRun:
     trajectories: list[Trajectory]
@@ -213,14 +228,19 @@ class EvalRun:
     serve_s: float
     eval_s: float
     sampled: dict[str, dict[str, float]] = field(default_factory=dict)  # pass@1 / pass@k per family
+    # Per sampled task (the first `sample_limit`, in order): how many of the k samples solved it, which
+    # says whether a greedy failure is one sampling can reach at all (what RL can sharpen onto).
+    solved_by_samples: list[int] = field(default_factory=list)
 
     def report(self, tasks: list[Task], trace_ids: Sequence[str | None] | None = None) -> dict[str, Any]:
         """Metrics and every trajectory as JSON (the MLflow artifact and `argus eval --out`): per task the
         question, gold answer, finish reason, reward, each message with its role, and each tool call with
         what it was asked, what it answered and its latency; images are in the task's trace."""
         ids: list[str | None] = list(trace_ids) if trace_ids else [None] * len(self.trajectories)
+        solved = self._solved_by_samples()
         return {
             "metrics": {k: asdict(v) for k, v in self.summary.items()},
+            "sampled": self.sampled,
             "trajectories": [
                 {
                     "task": t.task_id,
@@ -229,6 +249,7 @@ class EvalRun:
                     "gold": task.answer,
                     "finish": t.finish,
                     "reward": asdict(t.reward) if t.reward else None,
+                    "solved_by_samples": n,
                     "trace_id": trace_id,
                     "messages": [{"role": m["role"], "content": m["content"]} for m in t.messages],
                     "tool_calls": [
@@ -236,9 +257,13 @@ class EvalRun:
                     ],
                     "images": len(t.images),
                 }
-                for t, task, trace_id in zip(self.trajectories, tasks, ids, strict=True)
+                for t, task, trace_id, n in zip(self.trajectories, tasks, ids, solved, strict=True)
             ],
         }
+
+    def _solved_by_samples(self) -> list[int | None]:
+        """`solved_by_samples` padded with None to one entry per task (None: the task was not sampled)."""
+        return [*self.solved_by_samples, *[None] * (len(self.trajectories) - len(self.solved_by_samples))]
 
     def per_task(self, tasks: list[Task], trace_ids: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
         """One row per task: the evaluation's side of the pipeline's per-task comparison."""
@@ -255,8 +280,9 @@ class EvalRun:
                 "turns": t.turns,
                 "tools": " ".join(c.tool for c in t.tool_calls),
                 "trace_id": trace_id,
+                "solved_by_samples": n,
             }
-            for t, task, trace_id in zip(self.trajectories, tasks, ids, strict=True)
+            for t, task, trace_id, n in zip(self.trajectories, tasks, ids, self._solved_by_samples(), strict=True)
         ]
 
 
@@ -275,13 +301,15 @@ def evaluate_endpoint(
     samples: int = 0,
     sample_limit: int | None = None,
     on_done: Callable[[Trajectory], None] = lambda _t: None,
+    on_sample_done: Callable[[Trajectory], None] = lambda _t: None,
     serve_s: float = 0.0,
 ) -> EvalRun:
     """Run the suite against a model server that is up (OpenAI API at `base_url`, serving `model`), with
     the code executor and the search proxy at their URLs. Serving the model is the caller's business
     (`serve_s` is how long that took, for the report). Greedy decoding gives the headline metrics;
     `samples` > 0 also samples the first `sample_limit` tasks that many times at temperature 1 (seeded
-    0..k-1) for pass@1 and pass@k."""
+    0..k-1) for pass@1 and pass@k. `on_done` sees each greedy episode as it ends, `on_sample_done` each
+    sampled one."""
     import time
 
     started = time.monotonic()
@@ -310,9 +338,10 @@ def evaluate_endpoint(
             )
 
         subset = tasks[:sample_limit]
-        sampled = [run(subset, 1.0, i, lambda _t: None) for i in range(samples)]
+        sampled = [run(subset, 1.0, i, on_sample_done) for i in range(samples)]
         return list(await asyncio.gather(run(tasks, 0.0, None, on_done), *sampled))
 
     trajectories, *samples_runs = asyncio.run(run_all())
     sampled = pass_rates(samples_runs) if samples_runs else {}
-    return EvalRun(trajectories, summarize(trajectories), serve_s, time.monotonic() - started, sampled)
+    solved = solved_counts(samples_runs)
+    return EvalRun(trajectories, summarize(trajectories), serve_s, time.monotonic() - started, sampled, solved)

@@ -21,12 +21,20 @@ def eval_command(
     prompt: Annotated[
         str, typer.Option(help="deepeyesv2 | compact: the prompt the model was trained with")
     ] = "deepeyesv2",
+    concurrency: Annotated[int, typer.Option(min=1, help="episodes in flight")] = 8,
+    samples: Annotated[
+        int, typer.Option(min=0, help="also sample each task K times at temperature 1: pass@1 and pass@K")
+    ] = 0,
+    sample_limit: Annotated[
+        int | None, typer.Option(min=1, help="sample only the first N tasks (default: every task)")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="write metrics and trajectories (JSON) here")] = None,
     home: HomeOption = None,
 ) -> None:
     """Evaluate a model with live tools: vLLM (serving virtualenv) + code executor + search proxy."""
     import json as _json
     import tempfile
+    from dataclasses import asdict
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -57,9 +65,15 @@ def eval_command(
         ):
             console.print("starting vLLM…")
             with Progress(
-                TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
             ) as progress:
-                bar = progress.add_task("eval", total=len(tasks))
+                bar = progress.add_task("greedy", total=len(tasks))
+                sampled = samples * len(tasks[:sample_limit])
+                sample_bar = progress.add_task(f"{samples} samples", total=sampled, visible=sampled > 0)
                 try:
                     result = serve_and_evaluate(
                         backend,
@@ -70,10 +84,15 @@ def eval_command(
                         max_turns=max_turns,
                         max_tokens=max_tokens,
                         prompt=prompt,  # type: ignore[arg-type]
+                        concurrency=concurrency,
+                        samples=samples,
+                        sample_limit=sample_limit,
                         on_done=lambda _t: progress.advance(bar),
+                        on_sample_done=lambda _t: progress.advance(sample_bar),
                     )
                 finally:
                     backend.close()
-    console.print(metrics_table(f"{model} on {len(tasks)} eval tasks", {"model": result.summary}))
+    shown = {family: {**asdict(m), **result.sampled.get(family, {})} for family, m in result.summary.items()}
+    console.print(metrics_table(f"{model} on {len(tasks)} eval tasks", {"model": shown}))
     if out is not None:
         out.write_text(_json.dumps(result.report(tasks), indent=1))

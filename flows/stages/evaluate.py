@@ -52,6 +52,7 @@ def serve_and_evaluate(
     samples: int = 0,
     sample_limit: int | None = None,
     on_done: Callable[[Trajectory], None] = lambda _t: None,
+    on_sample_done: Callable[[Trajectory], None] = lambda _t: None,
 ) -> EvalRun:
     """Run the suite against `server` (one the pipeline serves already), or against a vLLM server this
     starts through the backend and removes again (`argus eval`, a model with no server of its own),
@@ -75,6 +76,7 @@ def serve_and_evaluate(
             samples=samples,
             sample_limit=sample_limit,
             on_done=on_done,
+            on_sample_done=on_sample_done,
             serve_s=time.monotonic() - started if own else 0.0,
         )
     finally:

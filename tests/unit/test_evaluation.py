@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from argus.agent.env import Trajectory
-from argus.agent.evaluation import metrics_table, pass_rates, summarize, wilson
+from argus.agent.evaluation import metrics_table, pass_rates, solved_counts, summarize, wilson
 from argus.agent.reward import Reward
 
 
@@ -45,6 +45,7 @@ def test_pass_at_k_counts_tasks_any_sample_solved() -> None:
     assert rates["overall"]["pass_at_1"] == pytest.approx(3 / 6)
     assert rates["overall"]["pass_at_2"] == pytest.approx(2 / 3)
     assert rates["search"]["pass_at_2"] == 1.0 and rates["perception"]["pass_at_2"] == 0.0
+    assert solved_counts(samples) == [2, 1, 0] and solved_counts([]) == []
     # Every key is a valid MLflow metric name.
     from mlflow.utils.validation import _validate_metric_name
 
@@ -61,6 +62,19 @@ def test_metrics_table_carries_intervals_and_puts_overall_first() -> None:
     overall = rows[0]
     lo, hi = wilson(1, 2)
     assert overall[3] == f"0.500 [{lo:.2f}, {hi:.2f}]"
+
+
+def test_one_evaluation_with_samples_shows_its_pass_rates() -> None:
+    # What `argus eval --samples 2` prints: the greedy metrics, then pass@1 and pass@2 by family.
+    summary = summarize([_traj("a", "search", True), _traj("b", "perception", False)])
+    samples = [[_traj("a", "search", True), _traj("b", "perception", False)]] * 2
+    rates = pass_rates(samples)
+    columns, rows = metrics_table({"model": {f: {**m.__dict__, **rates.get(f, {})} for f, m in summary.items()}})
+    assert columns[-2:] == ["pass@1", "pass@2"]
+    assert rows[0][0] == "overall" and rows[0][-2:] == ["0.500", "0.500"]
+    assert rows[1][0] == "perception" and rows[1][-2:] == ["0.000", "0.000"]
+    columns, _ = metrics_table({"model": summary})  # no samples, no pass columns
+    assert not any(c.startswith("pass@") for c in columns)
 
 
 def test_the_prompt_round_trips_from_spec_to_job_and_refuses_a_mismatch(tmp_path: object) -> None:

@@ -27,7 +27,7 @@ def test_one_duration_format(seconds: float | None, text: str) -> None:
     assert fmt_duration(seconds) == text
 
 
-def _eval(label: str, answers: dict[str, tuple[str, float]]) -> EvalReport:
+def _eval(label: str, answers: dict[str, tuple[str, float]], solved_by_samples: list[int] | None = None) -> EvalReport:
     tasks = [
         Task(id=t, family="search" if t.startswith("s") else "perception", question="q", answer="gold-" + t, image=b"")
         for t in answers
@@ -42,7 +42,7 @@ def _eval(label: str, answers: dict[str, tuple[str, float]]) -> EvalReport:
         )
         for task, (answer, score) in zip(tasks, answers.values(), strict=True)
     ]
-    result = EvalRun(trajectories, summarize(trajectories), 0.0, 1.0)
+    result = EvalRun(trajectories, summarize(trajectories), 0.0, 1.0, solved_by_samples=solved_by_samples or [])
     return EvalReport(
         label=label,
         model_uri=f"s3://models/{label}",
@@ -59,7 +59,7 @@ def _eval(label: str, answers: dict[str, tuple[str, float]]) -> EvalReport:
 
 def _result() -> PipelineResult:
     base = _eval("base", {"s1": ("x", 0.0), "p1": ("y", 0.2)})
-    sft = _eval("sft", {"s1": ("gold-s1", 1.0), "p1": ("y", 0.2)})
+    sft = _eval("sft", {"s1": ("gold-s1", 1.0), "p1": ("y", 0.2)}, solved_by_samples=[3])  # s1 sampled
     trained = SFTResult(
         job_name="sft-x", mlflow_run_id="sft-run-abcdef", model_uri="s3://m/sft", checkpoint_uri="s3://c", steps=150
     )
@@ -101,6 +101,7 @@ def test_the_per_task_comparison_lines_up_every_evaluation() -> None:
     assert table["base answer"] == ["x", "y"] and table["sft answer"] == ["gold-s1", "y"]
     assert table["sft correct"] == [True, False] and table["base reward"] == [0.0, 0.2]
     assert table["sft trace"] == ["tr-sft-s1", "tr-sft-p1"]
+    assert table["sft samples solved"] == [3, None] and table["base samples solved"] == [None, None]
     assert len({len(v) for v in table.values()}) == 1  # a rectangle, as MLflow's table view needs
 
 

@@ -251,6 +251,11 @@ class RewardSpec(StrictModel):
 _KV_CACHE_WHY = "Set it where several servers share one machine's memory (vLLM's CPU build)."
 
 
+def kv_cache_args(size: int) -> list[str]:
+    """vLLM's server arguments for a KV cache of `size` bytes (the cluster's Deployment and a local server)."""
+    return ["--kv-cache-memory-bytes", str(size)]
+
+
 class VLLMRolloutSpec(StrictModel):
     """The vLLM rollout engine (`rl.engine: vllm`): where its servers are and how far they may disagree
     with the trainer. Unset `urls`: every rank starts its own colocated server from the vLLM virtualenv
@@ -537,8 +542,7 @@ class ServingTarget(StrictModel):
     def server_args(self) -> list[str]:
         """The vLLM server arguments this target adds to the model and its name, as the cluster's vLLM
         Deployment takes them (the local server takes the KV cache as a field, in place of its share)."""
-        kv = ["--kv-cache-memory-bytes", str(self.kv_cache_memory)] if self.kv_cache_memory else []
-        return [*kv, *self.extra_args]
+        return [*(kv_cache_args(self.kv_cache_memory) if self.kv_cache_memory else []), *self.extra_args]
 
 
 class ServingSpec(StrictModel):

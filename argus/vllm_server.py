@@ -18,7 +18,7 @@ from types import TracebackType
 import httpx
 
 from argus import supervision
-from argus.config import repo_root
+from argus.config import kv_cache_args, repo_root
 
 
 class VLLMError(RuntimeError):
@@ -75,7 +75,7 @@ class LocalVLLM:
             "--max-model-len",
             str(self.max_model_len),
             *(
-                ["--kv-cache-memory-bytes", str(self.kv_cache_bytes)]
+                kv_cache_args(self.kv_cache_bytes)
                 if self.kv_cache_bytes
                 else ["--gpu-memory-utilization", str(self.memory_fraction)]
             ),

@@ -232,6 +232,10 @@ class EvalRun:
     # says whether a greedy failure is one sampling can reach at all (what RL can sharpen onto).
     solved_by_samples: list[int] = field(default_factory=list)
 
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """Per family, the greedy metrics with the pass rates beside them (where the run sampled)."""
+        return {family: {**asdict(m), **self.sampled.get(family, {})} for family, m in self.summary.items()}
+
     def report(self, tasks: list[Task], trace_ids: Sequence[str | None] | None = None) -> dict[str, Any]:
         """Metrics and every trajectory as JSON (the MLflow artifact and `argus eval --out`): per task the
         question, gold answer, finish reason, reward, each message with its role, and each tool call with

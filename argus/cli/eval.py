@@ -34,7 +34,6 @@ def eval_command(
     """Evaluate a model with live tools: vLLM (serving virtualenv) + code executor + search proxy."""
     import json as _json
     import tempfile
-    from dataclasses import asdict
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -92,7 +91,6 @@ def eval_command(
                     )
                 finally:
                     backend.close()
-    shown = {family: {**asdict(m), **result.sampled.get(family, {})} for family, m in result.summary.items()}
-    console.print(metrics_table(f"{model} on {len(tasks)} eval tasks", {"model": shown}))
+    console.print(metrics_table(f"{model} on {len(tasks)} eval tasks", {"model": result.metrics()}))
     if out is not None:
         out.write_text(_json.dumps(result.report(tasks), indent=1))

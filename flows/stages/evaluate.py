@@ -248,7 +248,7 @@ def run_eval(
         model_uri=model_uri,
         model_fingerprint=model_fingerprint,
         suite=suite.name,
-        metrics={k: {**m.__dict__, **result.sampled.get(k, {})} for k, m in result.summary.items()},
+        metrics=result.metrics(),
         mlflow_run_id=run_id,
         mlflow_run_url=tracking.mlflow_run_url(settings, experiment_id, run_id),
         tasks=per_task,

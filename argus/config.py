@@ -96,6 +96,11 @@ class ModelSpec(StrictModel):
     registered_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
+# The miniature's scripted teachers (argus.data.tasks.TEACHERS): ada counts cells, bo labels blobs and
+# checks its searches, cy counts cells and checks, dee labels blobs.
+TeacherName = Literal["ada", "bo", "cy", "dee"]
+
+
 class GenerateData(StrictModel):
     """Generate the miniature DeepEyesV2 task suite instead of reading datasets."""
 
@@ -103,6 +108,21 @@ class GenerateData(StrictModel):
     sft_size: int = Field(200, ge=1)
     rl_size: int = Field(200, ge=1)
     eval_size: int = Field(60, ge=1)
+    dev_size: int | None = Field(
+        None, ge=1, description="the dev split (target distribution, its own entities; default: eval_size)"
+    )
+    teachers: dict[TeacherName, Annotated[float, Field(ge=0)]] | None = Field(
+        None,
+        description="each teacher's share of the demonstrations (unset: the suite's mix, argus.data.tasks."
+        "DEMO_WEIGHTS); {ada: 1, bo: 1, cy: 1, dee: 1} is the even mix of benchmarks/rl_lift.py's sensitivity check",
+    )
+
+    @field_validator("teachers")
+    @classmethod
+    def _some_teacher(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        if weights is not None and sum(weights.values()) <= 0:
+            raise ValueError("at least one teacher needs a positive share")
+        return weights
 
 
 class DataSpec(StrictModel):
@@ -420,12 +440,25 @@ class SandboxSpec(StrictModel):
     admission_timeout_s: float = Field(20.0, ge=0, description="at capacity, how long a call waits for a session")
     oneshot_pool: int = Field(4, ge=0, description="pre-booted sandboxes serving /run_code")
     idle_ttl_s: float = Field(600.0, gt=0)
+    preload: list[str] | None = Field(
+        None,
+        description="modules warm sandboxes import ahead of time (default: the service's, numpy and PIL.Image); "
+        "name what the policy's code imports in every episode, so no episode pays for the import",
+    )
     node_pool: str | None = None
 
     @field_validator("profile")
     @classmethod
     def _known_profile(cls, name: str) -> str:
         return check_kernel_profile(name)
+
+    @field_validator("preload")
+    @classmethod
+    def _module_names(cls, modules: list[str] | None) -> list[str] | None:
+        for name in modules or []:
+            if not all(part.isidentifier() for part in name.split(".")):
+                raise ValueError(f"{name!r} is not a module name")
+        return modules
 
     def service_env(self) -> dict[str, str]:
         """The code executor's settings (`SandboxSettings`, read from `ARGUS_SANDBOX_*`) for this spec: the
@@ -443,6 +476,7 @@ class SandboxSpec(StrictModel):
             "ARGUS_SANDBOX_ADMISSION_TIMEOUT_S": str(self.admission_timeout_s),
             "ARGUS_SANDBOX_ONESHOT_POOL": str(self.oneshot_pool),
             "ARGUS_SANDBOX_IDLE_TTL_S": str(self.idle_ttl_s),
+            **({"ARGUS_SANDBOX_PRELOAD": ",".join(self.preload)} if self.preload is not None else {}),
         }
 
 
@@ -955,3 +989,12 @@ class RLJobConfig(StrictModel):
     lineage: dict[str, str] = Field(default_factory=dict, description="extra tags for the MLflow run")
     sandbox_url: str = Field(description="the run's code executor (DeepEyesV2 v1 protocol)")
     search_url: str = Field(description="the run's search proxy")
+    judge_url: str | None = Field(
+        None, description="the LLM judge (OpenAI API serving model `judge`) that rl.reward.judge scores with"
+    )
+
+    @model_validator(mode="after")
+    def _judge_reachable(self) -> RLJobConfig:
+        if self.rl.reward.judge and not self.judge_url:
+            raise ValueError("rl.reward.judge is true but the job has no judge_url (the tool environment serves none)")
+        return self

@@ -60,13 +60,13 @@ def trl_run(model_dir: str, rl_parquet: str, tools: ToolEndpoints, args: argpars
     from trl import GRPOConfig, GRPOTrainer
 
     from argus.data.formats import read_rl_parquet
-    from trainers.rl.rollout import InProcessEngine, rollout
+    from trainers.rl.rollout import InProcessEngine, RolloutSettings, rollout
 
     tasks = read_rl_parquet(rl_parquet)
     by_question = {t.question: t for t in tasks}
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    timing: dict[str, list[float]] = {"rollout": [], "episodes": [], "calls": []}
+    timing: dict[str, list[float]] = {"rollout": [], "episodes": [], "calls": [], "dropped": [], "reward": []}
 
     def rollout_func(prompts: list[str], trainer: Any) -> dict[str, Any]:
         started = time.perf_counter()
@@ -77,16 +77,18 @@ def trl_run(model_dir: str, rl_parquet: str, tools: ToolEndpoints, args: argpars
                 [by_question[p] for p in prompts],
                 engine,
                 tok,
-                group_size=1,
+                RolloutSettings(
+                    sandbox_url=tools.sandbox_url,
+                    search_url=tools.search_url,
+                    prompt="compact",
+                    group_size=1,
+                    max_turns=MAX_TURNS,
+                    turn_tokens=TURN_TOKENS,
+                    response_tokens=RESPONSE_TOKENS,
+                    tool_timeout_s=30.0,
+                    episode_timeout_s=300.0,
+                ),
                 seed=len(timing["rollout"]),
-                sandbox_url=tools.sandbox_url,
-                search_url=tools.search_url,
-                prompt="compact",
-                max_turns=MAX_TURNS,
-                turn_tokens=TURN_TOKENS,
-                response_tokens=RESPONSE_TOKENS,
-                tool_timeout_s=30.0,
-                episode_timeout_s=300.0,
                 run_id="trl-bench",
             )
         )
@@ -102,6 +104,9 @@ def trl_run(model_dir: str, rl_parquet: str, tools: ToolEndpoints, args: argpars
         timing["rollout"].append(time.perf_counter() - started)
         timing["episodes"].append(len(result.episodes))
         timing["calls"].append(sum(len(e.trajectory.tool_calls) for e in result.episodes if e.trajectory))
+        groups = [out["reward"][g : g + args.group] for g in range(0, len(out["reward"]), args.group)]
+        timing["dropped"].append(sum(1 for g in groups if max(g) == min(g)) / max(len(groups), 1))
+        timing["reward"].append(statistics.mean(out["reward"]) if out["reward"] else 0.0)
         return out
 
     def reward_func(prompts: list[Any], completions: list[Any], reward: list[float], **_kw: Any) -> list[float]:
@@ -150,7 +155,11 @@ def trl_run(model_dir: str, rl_parquet: str, tools: ToolEndpoints, args: argpars
     trainer.train()
     ends = [started, *clock.ends]
     step_times = [b - a for a, b in itertools.pairwise(ends)]
-    return summarise(step_times, timing["rollout"], timing["episodes"], timing["calls"])
+    figures = summarise(step_times, timing["rollout"], timing["episodes"], timing["calls"])
+    # Groups whose rewards are all equal: TRL's group-scaled advantages are 0 there, as Argus drops them.
+    figures["dropped"] = statistics.mean(timing["dropped"])
+    figures["reward"] = statistics.mean(timing["reward"])
+    return figures
 
 
 def summarise(steps: list[float], rollouts: list[float], episodes: list[float], calls: list[float]) -> dict[str, float]:
@@ -218,6 +227,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--group", type=int, default=4, help="rollouts per prompt")
+    # The warm start: long enough that the model carries out both counting strategies and picks either
+    # (the suite's decisions), so most groups have differing rewards and every step trains (the dropped
+    # share is in the table); a model that solves nothing or everything would time rollouts, not training.
+    parser.add_argument("--sft-size", type=int, default=128, help="demonstrations of the warm start")
+    parser.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the warm start")
     args = parser.parse_args()
     console = Console(width=200)
 
@@ -238,8 +252,8 @@ def main() -> None:
                 {k: env[f"ARGUS_{k.upper()}"] for k in ("home", "s3_port", "mlflow_port", "prefect_port")}
             )
             subprocess.run(
-                [*cli, "data", "generate", "--out", str(root / "data"), "--sft-size", "64", "--rl-size", "32",
-                 "--eval-size", "4", "--runner", "process", "--prompt", "compact"],
+                [*cli, "data", "generate", "--out", str(root / "data"), "--sft-size", str(args.sft_size),
+                 "--rl-size", "32", "--eval-size", "4", "--runner", "process", "--prompt", "compact"],
                 env=env, check=True, capture_output=True,
             )  # fmt: skip
             subprocess.run(
@@ -255,7 +269,7 @@ def main() -> None:
                 model=str(root / "base"),
                 checkpoint_uri=f"s3://{stack.bucket_checkpoints}/rl-bench-sft",
                 output_uri=str(root / "sft"),
-                sft={"nproc_per_node": 1, "precision": "fp32", "max_steps": 60, "micro_batch_size": 4,
+                sft={"nproc_per_node": 1, "precision": "fp32", "max_steps": args.sft_steps, "micro_batch_size": 4,
                      "optim": {"lr": 3e-3, "warmup_ratio": 0.0}, "checkpoint": {"every_steps": 1000}},
                 mlflow_experiment="rl-bench",
             )  # fmt: skip
@@ -298,7 +312,8 @@ def main() -> None:
     table.add_row("tool calls / s", f"{a['calls_per_s']:.2f}", f"{v['calls_per_s']:.2f}",
                   f"{theirs['calls_per_s']:.2f}", "")  # fmt: skip
     table.add_row("mean reward / dropped groups", f"{a['reward']:.3f} / {a['dropped']:.2f}",
-                  f"{v['reward']:.3f} / {v['dropped']:.2f}", "", "")  # fmt: skip
+                  f"{v['reward']:.3f} / {v['dropped']:.2f}", f"{theirs['reward']:.3f} / {theirs['dropped']:.2f}",
+                  "dropped < 0.5")  # fmt: skip
     table.add_row("response tokens per episode", f"{a['tokens']:.0f}", f"{v['tokens']:.0f}", "", "")
     console.print(table)
 

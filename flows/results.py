@@ -55,6 +55,9 @@ class EvalReport(BaseModel):
     model_fingerprint: str
     suite: str
     metrics: dict[str, dict[str, Any]] = Field(description="per family and `overall`")
+    slices: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per slice: accuracy, tool use, strategy rates (greedy and sampled)"
+    )
     mlflow_run_id: str
     mlflow_run_url: str
     serve_s: float

@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from argus.backends.kubernetes.crds import ModelServingSpec, ToolEnvironmentSpec
-from argus.backends.kubernetes.render import SANDBOX_PORT, SEARCH_PORT, resource_requirements
+from argus.backends.kubernetes.render import SANDBOX_PORT, SEARCH_PORT, VLLM_PORT, resource_requirements
 from argus.config import NodePool, Resources
 
-VLLM_PORT = 8000
 TOOLS_LABEL = "argus.dev/toolenv"
 SERVING_LABEL = "argus.dev/modelserving"
 REVISION_LABEL = "argus.dev/revision"

@@ -21,9 +21,8 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from argus.backends.kubernetes.crds import GROUP, VERSION, ModelServingSpec, ToolEnvironmentSpec
-from argus.backends.kubernetes.render import tool_urls
+from argus.backends.kubernetes.render import VLLM_PORT, tool_urls
 from operators.children import (
-    VLLM_PORT,
     revision_deployment,
     stable_service,
     tool_environment_children,
@@ -129,13 +128,12 @@ def reconcile_tools(name: str, namespace: str, spec: dict[str, Any], body: kopf.
     search_ready = bool(search and search.status and (search.status.ready_replicas or 0) >= parsed.search.replicas)
     judge_ready = parsed.judge is None or bool(judge and judge.status and (judge.status.ready_replicas or 0) >= 1)
     ready = sandbox_ready and search_ready and judge_ready
-    svc = f"{namespace}.svc.cluster.local"
-    urls = tool_urls(name, namespace)
+    urls = tool_urls(name, namespace, judge=parsed.judge is not None)
     patch.status["ready"] = ready
     patch.status["sandbox_url"] = urls.sandbox_url
     patch.status["search_url"] = urls.search_url
-    if parsed.judge:
-        patch.status["judge_url"] = f"http://{name}-judge.{svc}:{VLLM_PORT}/v1"
+    if urls.judge_url:
+        patch.status["judge_url"] = urls.judge_url
     waiting = [n for n, ok in (("sandbox", sandbox_ready), ("search", search_ready), ("judge", judge_ready)) if not ok]
     patch.status["conditions"] = _condition(ready, "ChildrenReady" if ready else "Waiting", ", ".join(waiting))
 

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from argus.agent.actions import TURN_STOPS
 from argus.agent.env import AgentEnv, Message, ToolClients, Trajectory
 from argus.agent.evaluation import Metrics, summarize
 from argus.agent.task import Task
@@ -26,7 +27,7 @@ class LocalPolicy:
         self.tok = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.stops = [int(tokenizer.convert_tokens_to_ids(t)) for t in TURN_STOPS]
 
     def render(self, messages: list[Message]) -> str:
         """ChatML exactly as `trainers.sft.data.Encoder` lays out training examples."""
@@ -46,7 +47,7 @@ class LocalPolicy:
                 temperature=self.temperature if self.temperature > 0 else None,
                 top_p=None,
                 top_k=None,
-                eos_token_id=self.end,
+                eos_token_id=self.stops,
                 pad_token_id=self.tok.pad_token_id,
             )
         text: str = self.tok.decode(out[0, ids.shape[1] :], skip_special_tokens=False)

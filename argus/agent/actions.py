@@ -12,6 +12,10 @@ _PYTHON = re.compile(r"```python\s*\n(.*?)\n```", re.DOTALL)
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 TOOLS = ("search", "image_search")
+# A model turn ends at the end of its action, as DeepEyesV2's rollout stops generation at `</code>` and
+# `</tool_call>` (or the turn's own `<|im_end|>`): one rule for RL rollouts, evaluation and the SFT learning
+# curve, so a policy is never scored on text it would not have been allowed to write in training.
+TURN_STOPS = ("<|im_end|>", "</code>", "</tool_call>")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import httpx
 
 from argus.agent import prompts
-from argus.agent.actions import Action, parse
+from argus.agent.actions import TURN_STOPS, Action, parse
 from argus.agent.reward import Judge, Reward, score
 from argus.agent.task import Task
 from argus.config import Prompt
@@ -76,6 +76,7 @@ class Trajectory:
     timeline: list[Turn] = field(default_factory=list)
     start_ns: int = 0
     end_ns: int = 0
+    slice: str = ""  # the task's slice (`Task.slice`), or its family where it has none
 
     @property
     def response(self) -> str:
@@ -85,6 +86,10 @@ class Trajectory:
     @property
     def turns(self) -> int:
         return sum(1 for m in self.messages if m["role"] == "assistant")
+
+    def calls(self) -> list[tuple[str, str]]:
+        """(tool, request) of every tool call, in order: what `argus.agent.behaviour` counts repeats of."""
+        return [(c.tool, c.request) for c in self.tool_calls]
 
     def to_sharegpt(self) -> tuple[list[dict[str, str]], list[bytes]]:
         return [{"role": m["role"], "content": m["content"]} for m in self.messages], list(self.images)
@@ -176,6 +181,7 @@ class AgentEnv:
             messages=list(prompts.opening(self.prompt, task.question)),
             images=[task.image],
             start_ns=time.time_ns(),
+            slice=task.slice or task.family,
         )
         try:
             traj.finish = "max_turns"
@@ -346,12 +352,14 @@ class OpenAIPolicy:
                 "messages": self._content(messages, images),
                 "max_tokens": self.max_tokens,
                 "temperature": self.temperature,
-                "stop": ["<|im_end|>"],
+                # The turn ends with its action, as in RL rollouts; vLLM keeps the closing tag in the text.
+                "stop": list(TURN_STOPS),
+                "include_stop_str_in_output": True,
                 **({"seed": self.seed} if self.seed is not None else {}),
             },
         )
         resp.raise_for_status()
-        return str(resp.json()["choices"][0]["message"]["content"] or "")
+        return str(resp.json()["choices"][0]["message"]["content"] or "").removesuffix("<|im_end|>")
 
     async def aclose(self) -> None:
         await self.client.aclose()

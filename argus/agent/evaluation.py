@@ -2,7 +2,9 @@
 
 Metrics per task family and overall, as the paper's behaviour analysis reports them: accuracy, format
 rate, tool-call rate (share of trajectories that called any tool), tool mix (share of tool calls per
-tool), mean turns, mean reward.
+tool), mean turns, mean reward; and the same per slice (a task's template and cue), with how the tools
+were used (`argus.agent.behaviour`): tool calls per episode, the repeat-call rate and the rate of each
+strategy at each decision, greedy and, where the run samples, over the samples.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from argus.agent.behaviour import DECISIONS, behaviour_by
 from argus.agent.env import AgentEnv, OpenAIPolicy, ToolClients, Trajectory
 from argus.agent.task import Task
 from argus.config import Prompt
@@ -32,6 +35,18 @@ def wilson(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> tuple[int, int, float]:
+    """The exact McNemar test of two evaluations of the same tasks (paired by position): the tasks only
+    the first solved, those only the second solved, and the two-sided p-value of a difference that large
+    if neither were better (a binomial test on the discordant tasks, exact at the small counts a suite of
+    150 gives)."""
+    only_first = sum(1 for a, b in zip(first, second, strict=True) if a and not b)
+    only_second = sum(1 for a, b in zip(first, second, strict=True) if b and not a)
+    n, k = only_first + only_second, min(only_first, only_second)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return only_first, only_second, min(1.0, 2 * tail)
+
+
 def with_interval(value: float, low: float, high: float) -> str:
     return f"{value:.3f} [{low:.2f}, {high:.2f}]"
 
@@ -47,19 +62,40 @@ class Metrics:
     tool_mix: dict[str, float] = field(default_factory=dict)
     accuracy_low: float = 0.0  # the 95 % Wilson interval of accuracy
     accuracy_high: float = 1.0
+    # `argus.agent.behaviour` figures: tool calls per episode, repeat-call rate, strategy rates
+    behaviour: dict[str, float] = field(default_factory=dict)
 
     def flat(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}/{k}": float(v) for k, v in asdict(self).items() if k != "tool_mix"}
+        out = {f"{prefix}/{k}": float(v) for k, v in asdict(self).items() if k not in ("tool_mix", "behaviour")}
         out.update({f"{prefix}/tool_mix/{k}": v for k, v in self.tool_mix.items()})
+        out.update({f"{prefix}/{k}": v for k, v in self.behaviour.items()})
         return out
 
 
-def summarize(trajectories: list[Trajectory]) -> dict[str, Metrics]:
-    """Metrics per family, and `overall`."""
+def by_family(t: Trajectory) -> str:
+    return t.family
+
+
+def by_slice(t: Trajectory) -> str:
+    return t.slice or t.family
+
+
+def _accuracy(t: Trajectory) -> float:
+    return t.reward.accuracy if t.reward else 0.0
+
+
+def behaviour_of(trajectories: Sequence[Trajectory], by: Callable[[Trajectory], str]) -> dict[str, dict[str, float]]:
+    """`argus.agent.behaviour` figures per group (`by`) and overall."""
+    return behaviour_by((by(t), t.messages, t.calls(), _accuracy(t)) for t in trajectories)
+
+
+def summarize(trajectories: list[Trajectory], by: Callable[[Trajectory], str] = by_family) -> dict[str, Metrics]:
+    """Metrics per group (family, or `by_slice`), and `overall`."""
     groups: dict[str, list[Trajectory]] = {}
     for t in trajectories:
-        groups.setdefault(t.family, []).append(t)
+        groups.setdefault(by(t), []).append(t)
     groups["overall"] = list(trajectories)
+    behaviour = behaviour_of(trajectories, by)
     out = {}
     for name, group in sorted(groups.items()):
         n = len(group)
@@ -78,6 +114,7 @@ def summarize(trajectories: list[Trajectory]) -> dict[str, Metrics]:
             mean_turns=sum(t.turns for t in group) / n if n else 0.0,
             mean_reward=sum(r.score for r in rewards) / n if n else 0.0,
             tool_mix={tool: calls[tool] / total_calls if total_calls else 0.0 for tool in TOOLS},
+            behaviour=behaviour[name],
         )
     return out
 
@@ -192,17 +229,75 @@ def metrics_table(
     return columns, rows
 
 
+def strategy_cell(m: Mapping[str, Any], prefix: str = "", with_accuracy: bool = False) -> str:
+    """The strategy rates of a slice in one cell: `cells 0.50 blobs 0.50 · once 1.00 check 0.00`, with
+    each option's accuracy in brackets when asked; `-` for a slice with no decision."""
+    parts = []
+    for decision, options in DECISIONS.items():
+        cells = []
+        for option in options:
+            share = m.get(f"{prefix}strategy/{decision}/{option}")
+            if share is None:
+                continue
+            acc = m.get(f"{prefix}strategy/{decision}/{option}/accuracy")
+            cells.append(f"{option} {share:.2f}" + (f" ({acc:.2f})" if with_accuracy and acc is not None else ""))
+        if cells:
+            parts.append(" ".join(cells))
+    return " · ".join(parts) or "-"
+
+
+def behaviour_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> tuple[list[str], list[list[str]]]:
+    """Evaluations of one suite per slice (label → slice metrics) as (columns, rows), `overall` first:
+    each label's accuracy with its interval, strategy rates, tool calls per episode and repeat-call rate;
+    and, where the last evaluation sampled, its sampled strategy rates with each option's accuracy
+    (what an option earns when the model takes it) and pass@1."""
+    labels = list(results)
+    last = results[labels[-1]]
+    names = sorted(last, key=lambda n: (n != "overall", n))
+    sampled = any("sampled/tool_calls_per_episode" in m for m in last.values())
+    columns = ["slice", "n"]
+    for label in labels:
+        columns += [f"{label} acc", f"{label} strategy", f"{label} calls", f"{label} repeats"]
+    if sampled:
+        columns += [f"{labels[-1]} sampled strategy (acc)", f"{labels[-1]} pass@1"]
+    rows = []
+    for name in names:
+        row = [name, str(last[name].get("n", ""))]
+        for label in labels:
+            m = results[label].get(name, {})
+            if not m:
+                row += ["-"] * 4
+                continue
+            row += [
+                with_interval(m["accuracy"], m["accuracy_low"], m["accuracy_high"]),
+                strategy_cell(m.get("behaviour", m)),
+                f"{m.get('behaviour', m).get('tool_calls_per_episode', 0.0):.2f}",
+                f"{m.get('behaviour', m).get('repeat_call_rate', 0.0):.2f}",
+            ]
+        if sampled:
+            m = last[name]
+            row += [
+                strategy_cell(m, "sampled/", with_accuracy=True),
+                f"{m['pass_at_1']:.3f}" if "pass_at_1" in m else "-",
+            ]
+        rows.append(row)
+    return columns, rows
+
+
 def _solved(t: Trajectory) -> bool:
     return bool(t.reward and t.reward.accuracy >= 1.0)
 
 
-def pass_rates(samples: list[list[Trajectory]]) -> dict[str, dict[str, float]]:
+def pass_rates(
+    samples: list[list[Trajectory]], by: Callable[[Trajectory], str] = by_family
+) -> dict[str, dict[str, float]]:
     """pass@1 (accuracy over every sample) and pass@k (the share of tasks that some sample solved), per
-    family and overall; `samples[i]` is the i-th sampled run over the same tasks, in the same order."""
+    group (family, or `by_slice`) and overall; `samples[i]` is the i-th sampled run over the same tasks,
+    in the same order."""
     k = len(samples)
     groups: dict[str, list[list[Trajectory]]] = {}
     for per_task in zip(*samples, strict=True):
-        groups.setdefault(per_task[0].family, []).append(list(per_task))
+        groups.setdefault(by(per_task[0]), []).append(list(per_task))
     groups["overall"] = [list(t) for t in zip(*samples, strict=True)]
     out = {}
     for family, tasks in sorted(groups.items()):
@@ -231,10 +326,28 @@ class EvalRun:
     # Per sampled task (the first `sample_limit`, in order): how many of the k samples solved it, which
     # says whether a greedy failure is one sampling can reach at all (what RL can sharpen onto).
     solved_by_samples: list[int] = field(default_factory=list)
+    slices: dict[str, Metrics] = field(default_factory=dict)  # greedy metrics per slice
+    # Per slice, over every sample: pass rates and the behaviour figures (`sampled/strategy/...`): the
+    # rate at which the model *samples* each strategy, which greedy decoding hides.
+    sampled_slices: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, dict[str, Any]]:
         """Per family, the greedy metrics with the pass rates beside them (where the run sampled)."""
         return {family: {**asdict(m), **self.sampled.get(family, {})} for family, m in self.summary.items()}
+
+    def slice_metrics(self) -> dict[str, dict[str, Any]]:
+        """Per slice, the greedy metrics with the samples' pass rates and behaviour beside them."""
+        return {name: {**asdict(m), **self.sampled_slices.get(name, {})} for name, m in self.slices.items()}
+
+    def flat(self) -> dict[str, float]:
+        """Every figure as an MLflow metric: `<family>/<metric>`, and `slice/<slice>/<metric>`."""
+        out = {k: v for name, m in self.summary.items() for k, v in m.flat(name).items()}
+        out.update({f"{family}/{k}": v for family, rates in self.sampled.items() for k, v in rates.items()})
+        for name, m in self.slices.items():
+            if name != "overall":
+                out.update(m.flat(f"slice/{name}"))
+                out.update({f"slice/{name}/{k}": v for k, v in self.sampled_slices.get(name, {}).items()})
+        return out
 
     def report(self, tasks: list[Task], trace_ids: Sequence[str | None] | None = None) -> dict[str, Any]:
         """Metrics and every trajectory as JSON (the MLflow artifact and `argus eval --out`): per task the
@@ -245,6 +358,7 @@ class EvalRun:
         return {
             "metrics": {k: asdict(v) for k, v in self.summary.items()},
             "sampled": self.sampled,
+            "slices": self.slice_metrics(),
             "trajectories": [
                 {
                     "task": t.task_id,
@@ -276,6 +390,7 @@ class EvalRun:
             {
                 "task": t.task_id,
                 "family": t.family,
+                "slice": t.slice,
                 "gold": task.answer,
                 "answer": t.reward.answer if t.reward else None,
                 "reward": t.reward.score if t.reward else 0.0,
@@ -346,6 +461,27 @@ def evaluate_endpoint(
         return list(await asyncio.gather(run(tasks, 0.0, None, on_done), *sampled))
 
     trajectories, *samples_runs = asyncio.run(run_all())
-    sampled = pass_rates(samples_runs) if samples_runs else {}
-    solved = solved_counts(samples_runs)
-    return EvalRun(trajectories, summarize(trajectories), serve_s, time.monotonic() - started, sampled, solved)
+    return eval_run(trajectories, samples_runs, serve_s, time.monotonic() - started)
+
+
+def eval_run(
+    trajectories: list[Trajectory], samples: list[list[Trajectory]], serve_s: float = 0.0, eval_s: float = 0.0
+) -> EvalRun:
+    """The figures of a greedy pass and its sampled runs (each over the same first tasks, in order)."""
+    sampled_slices: dict[str, dict[str, float]] = {}
+    if samples:
+        for name, rates in pass_rates(samples, by_slice).items():
+            sampled_slices[name] = dict(rates)
+        flat = [t for run in samples for t in run]
+        for name, figures in behaviour_of(flat, by_slice).items():
+            sampled_slices.setdefault(name, {}).update({f"sampled/{k}": v for k, v in figures.items()})
+    return EvalRun(
+        trajectories,
+        summarize(trajectories),
+        serve_s,
+        eval_s,
+        pass_rates(samples) if samples else {},
+        solved_counts(samples),
+        summarize(trajectories, by_slice),
+        sampled_slices,
+    )

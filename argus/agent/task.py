@@ -19,4 +19,7 @@ class Task:
     tolerance: float = 0.0
     # Key of cached image-search results (MMSearch-R1 cache), when the task has them.
     image_search_key: str | None = None
+    # A finer group than the family: the question template, and for a decision the cue that says which
+    # strategy is right (`count-grid`, `count-picture`, ...). Metrics are reported per slice too.
+    slice: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -70,6 +70,7 @@ class JobResult(BaseModel):
 class ToolEndpoints(BaseModel):
     sandbox_url: str
     search_url: str
+    judge_url: str | None = None  # the LLM judge (OpenAI API, model `judge`), where the environment serves one
 
 
 class ModelServer(BaseModel):

@@ -114,5 +114,6 @@ def rl_job(
         lineage=_lineage(spec, spec_file, lineage),
         sandbox_url=tools.sandbox_url,
         search_url=tools.search_url,
+        judge_url=tools.judge_url,
     )
     return _job(spec, "rl", spec.rl, config, nproc_per_node, env)

@@ -8,12 +8,17 @@ from typing import Annotated
 import typer
 
 from argus.cli._common import HomeOption, console, exit_with_error, stack_settings
-from argus.cli.report import metrics_table
+from argus.cli.report import behaviour_table, metrics_table
 
 
 def eval_command(
     model: Annotated[str, typer.Option(help="model directory or s3:// prefix (Hugging Face layout)")],
-    data: Annotated[str, typer.Option(help="generated data root (its eval/eval.parquet and search/index.sqlite)")],
+    data: Annotated[
+        str, typer.Option(help="generated data root (its <split>/<split>.parquet and search/index.sqlite)")
+    ],
+    split: Annotated[
+        str, typer.Option(help="eval (held out) | dev (where settings are chosen) | rl | any <name>/<name>.parquet")
+    ] = "eval",
     limit: Annotated[int | None, typer.Option(help="evaluate only the first N tasks")] = None,
     max_turns: Annotated[int, typer.Option()] = 9,
     max_tokens: Annotated[int, typer.Option(help="per model turn")] = 256,
@@ -49,7 +54,13 @@ def eval_command(
     if runner not in ("gvisor", "process"):
         exit_with_error(f"--runner must be gvisor or process, not {runner!r}", 2)
     settings = stack_settings(home)
-    tasks = read_rl_parquet(join_uri(data, "eval", "eval.parquet"))[:limit]
+    if not split.isidentifier():
+        exit_with_error(f"--split must name a split of the data root (eval, dev, rl), not {split!r}", 2)
+    parquet = join_uri(data, split, "train.parquet" if split == "rl" else f"{split}.parquet")
+    try:
+        tasks = read_rl_parquet(parquet, settings)[:limit]
+    except FileNotFoundError:
+        exit_with_error(f"{parquet}: no such file (is --data a generated data root with a {split} split?)", 2)
     backend = LocalBackend(settings)
     with tempfile.TemporaryDirectory(prefix="argus-eval-") as tmp:
         root = Path(tmp)
@@ -91,6 +102,8 @@ def eval_command(
                     )
                 finally:
                     backend.close()
-    console.print(metrics_table(f"{model} on {len(tasks)} eval tasks", {"model": result.metrics()}))
+    console.print(metrics_table(f"{model} on {len(tasks)} {split} tasks", {"model": result.metrics()}))
+    if any(t.slice for t in tasks):
+        console.print(behaviour_table("per slice", {"model": result.slice_metrics()}))
     if out is not None:
         out.write_text(_json.dumps(result.report(tasks), indent=1))

@@ -36,6 +36,19 @@ def metrics_table(title: str, results: Mapping[str, Mapping[str, Any]]) -> Table
     return table
 
 
+def behaviour_table(title: str, results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Table:
+    """A rich table of how one or several evaluations used the tools, per slice (label → slice metrics)."""
+    from argus.agent.evaluation import behaviour_table as rows_of
+
+    columns, rows = rows_of(results)
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "slice" or "strategy" in col else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def print_result(result: PipelineResult) -> None:
     shown = {"base": result.base_eval, "SFT": result.sft_eval, **({"RL": result.rl_eval} if result.rl_eval else {})}
     console.print(
@@ -44,6 +57,13 @@ def print_result(result: PipelineResult) -> None:
             {label: report.metrics for label, report in shown.items()},
         )
     )
+    if all(report.slices for report in shown.values()):
+        console.print(
+            behaviour_table(
+                "per slice: accuracy, strategy rates (greedy), tool calls per episode, repeat-call rate",
+                {label: report.slices for label, report in shown.items()},
+            )
+        )
     reg = result.registered
     console.print(
         f"registered [bold]{reg.name}[/] version [bold]{reg.version}[/] (aliases: {', '.join(reg.aliases)}) "

@@ -125,6 +125,7 @@ def task_to_row(
             "task_id": task.id,
             "question": task.question,
             "family": task.family,
+            "slice": task.slice,
             "answer_type": task.answer_type,
             "tolerance": task.tolerance,
             "image_search_key": task.image_search_key or "",
@@ -171,6 +172,7 @@ def read_rl_parquet(uri: str, settings: StackSettings | None = None) -> list[Tas
                 answer_type=extra.get("answer_type") or "exact",
                 tolerance=float(extra.get("tolerance") or 0.0),
                 image_search_key=extra.get("image_search_key") or None,
+                slice=str(extra.get("slice") or ""),
                 extra={"index": extra.get("index", i), "data_source": row.get("data_source")},
             )
         )

@@ -4,12 +4,13 @@ Layout under the output URI (a local directory or an s3:// prefix):
 
     sft/sft.json + sft/images/          LLaMA-Factory sharegpt, one gold trajectory per task
     rl/train.parquet                    verl rows: prompt, image, ground truth
-    eval/eval.parquet                   held out (entities never seen in training)
+    dev/dev.parquet                     the target distribution on entities of its own: where settings are chosen
+    eval/eval.parquet                   held out (entities never seen in training or dev)
     search/corpus.jsonl                 offline text corpus
     search/images.jsonl + images/       offline image corpus (entity emblems)
     search/index.sqlite                 the offline index built from both
     search/image_search_cache.json      MMSearch-R1 format cache of the emblem tasks' image searches
-    manifest.json                       seed, sizes, counts per family, sha256 of every file
+    manifest.json                       seed, sizes, tasks per family and slice, teachers, sha256 of every file
 
 SFT trajectories are produced by playing the gold turns through the real code executor and search
 proxy, so every observation is what a rollout would see; a gold trajectory that does not reach reward
@@ -24,7 +25,7 @@ import hashlib
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,12 @@ from argus.agent.env import AgentEnv, ScriptedPolicy, ToolClients, Trajectory
 from argus.config import Prompt, SandboxSpec, StackSettings, ToolsSpec
 from argus.data import formats
 from argus.data.search_index import build_index
-from argus.data.tasks import MiniTask, Suite, build_suite
+from argus.data.tasks import MIXES, SLICES, MiniTask, Suite, build_suite, teacher_mix
 from argus.storage import join_uri, upload_files, write_uri
+
+# The turns a demonstration may take: the cold start stands for trajectories distilled from strong models
+# with room to spare, so a habit that spends a turn (checking a search) still succeeds on them.
+DEMO_TURNS = 9
 
 
 class ToolUrls(Protocol):
@@ -94,7 +99,7 @@ async def run_gold(
     concurrency: int = 8,
     on_done: Callable[[Trajectory], None] = lambda _t: None,
 ) -> list[Trajectory]:
-    env = AgentEnv(tools, max_turns=9, prompt=prompt)
+    env = AgentEnv(tools, max_turns=DEMO_TURNS, prompt=prompt)
     limit = asyncio.Semaphore(concurrency)
 
     async def one(mini: MiniTask) -> Trajectory:
@@ -121,6 +126,8 @@ def generate(
     sft_size: int = 200,
     rl_size: int = 200,
     eval_size: int = 60,
+    dev_size: int | None = None,
+    teachers: Mapping[str, float] | None = None,
     # The gold trajectories run Argus's own scripted solutions, not model output, so they need no
     # gVisor: the process runner writes the same files (all 453 of the quickstart suite hash the same)
     # in 30 s instead of 86 s on 2 cores. Rollouts and evaluations keep the spec's runner.
@@ -129,7 +136,7 @@ def generate(
     stack: StackSettings | None = None,
     on_progress: Callable[[str, int, int], None] = lambda _s, _i, _n: None,
 ) -> GenerateResult:
-    suite = build_suite(seed, sft_size, rl_size, eval_size)
+    suite = build_suite(seed, sft_size, rl_size, eval_size, dev_size, teachers)
     with tempfile.TemporaryDirectory(prefix="argus-data-") as tmp:
         staging = Path(tmp) / "out"
         index = write_search_corpus(suite, staging / "search")
@@ -155,18 +162,29 @@ def generate(
 
         formats.write_sharegpt(str(staging / "sft" / "sft.json"), [t.to_sharegpt() for t in trajectories])
         formats.write_rl_parquet(str(staging / "rl" / "train.parquet"), [m.task for m in suite.rl], prompt=prompt)
+        formats.write_rl_parquet(str(staging / "dev" / "dev.parquet"), [m.task for m in suite.dev], prompt=prompt)
         formats.write_rl_parquet(str(staging / "eval" / "eval.parquet"), [m.task for m in suite.eval], prompt=prompt)
         formats.write_image_search_cache(str(staging / "search" / "image_search_cache.json"), cache)
 
         manifest: dict[str, Any] = {
             "seed": seed,
             "prompt": prompt,
-            "sizes": {"sft": sft_size, "rl": rl_size, "eval": eval_size},
+            "sizes": {"sft": sft_size, "rl": rl_size, "dev": len(suite.dev), "eval": eval_size},
             "families": {
-                name: dict(sorted(Counter(m.task.family for m in split).items()))
-                for name, split in (("sft", suite.sft), ("rl", suite.rl), ("eval", suite.eval))
+                name: dict(sorted(Counter(m.task.family for m in suite.split(name)).items()))
+                for name in ("sft", "rl", "dev", "eval")
             },
-            "entities": len(suite.entities),
+            "slices": {
+                name: dict(sorted(Counter(m.task.slice for m in suite.split(name)).items()))
+                for name in ("sft", "rl", "dev", "eval")
+            },
+            # How the cold start was built (argus.data.tasks): each teacher's demonstrations per slice, the
+            # template mix of each split, and the option each decision slice needs on the target splits.
+            "teachers": teacher_mix(suite.sft),
+            "teacher_weights": dict(teachers) if teachers else "even",
+            "mixes": {name: dict(mix) for name, mix in MIXES.items()},
+            "decisions": {name: s.right for name, s in SLICES.items() if s.right},
+            "entities": {name: len(pool) for name, pool in suite.pools.items()},
             "files": {},
         }
         files = sorted(p for p in staging.rglob("*") if p.is_file())

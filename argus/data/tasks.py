@@ -1,16 +1,37 @@
-"""The miniature DeepEyesV2 task suite: small, seeded, and impossible to solve without the tools.
+"""The miniature DeepEyesV2 task suite: small, seeded, impossible to solve without the tools, and built so
+that RL has decisions to learn.
 
-Families, mirroring the paper:
-- perception: answers need code on `image_1` (count shapes of a colour on a grid, name the colour of
-  one cell, measure a bar's width after cropping it out);
-- reasoning: arithmetic on 4-5 digit numbers that a small model cannot do in its head;
-- search: facts about generated fictional entities that exist only in the offline search corpus;
-- integrated: two tools (count with code, look up with search, combine with code; or identify an
-  emblem with image search, then look its entity up with text search).
+Families, mirroring the paper, in slices (question templates):
+- perception: `count-grid` / `count-picture` (count the shapes of a colour), `colour` (name a cell's
+  colour), `measure` (a bar's width, after cropping it out); only code on `image_1` answers them;
+- reasoning: `arith` (arithmetic on 4-5 digit numbers that a small model cannot do in its head);
+- search: `search` (facts about generated fictional entities that exist only in the offline corpus);
+- integrated: `chain-grid` / `chain-picture` (count with code, look up with search, multiply with code:
+  four turns), `emblem` (identify an emblem with image search, then look its entity up).
 
-Every task carries gold assistant turns in the exact DeepEyesV2 action format; running them through
-the real tools gives the SFT trajectories. Entities used by the evaluation split are disjoint from
-those used in training, so evaluation measures tool use, not memorised facts.
+How the cold start is built, and why. DeepEyesV2's cold-start data is distilled from several strong
+models, each with its own habits, and kept when the answer was right; RL prompts are cheap, broad and
+verifiable, and RL then refines how the tools are used. The miniature has the same structure:
+- Four scripted teachers (`TEACHERS`) demonstrate the SFT split. They differ in two habits, the two
+  decisions of `argus.agent.behaviour`: how they count (`cells`: sample the centre of every grid cell;
+  `blobs`: label the connected regions of the colour) and whether they run a search a second time before
+  using it (`check`). Every habit is right on the demonstration distribution: its count images have shapes
+  that sit in the cells without touching, and its demonstrations are played with turns to spare.
+- The RL, dev and eval splits come from the target distribution, where the habits generalise differently.
+  A question about shapes "on the grid" shows a dense grid whose same-coloured neighbours touch (labelling
+  merges them: only `cells` is right); one about shapes "in the picture" shows shapes scattered between
+  the cell centres (sampling the centres finds none: only `blobs` is right). A chain task needs all four
+  of its turns, so a teacher that checks its search runs out of them. The wording is the cue; nothing in
+  the demonstrations ties it to a strategy.
+- The demonstrations' mix is exactly even per slice and colour, so SFT's argmax is not set by the data:
+  whatever the SFT model picks greedily, it fails on part of each decision slice, and only the reward
+  can teach the link from cue to strategy. The other slices have no decision: they are the control.
+- Every split draws its entities from its own pool and its own seed, so evaluation measures tool use,
+  not memorised facts; the dev split (target distribution, its own pool) is where settings are chosen.
+
+Every task carries each teacher's turns in the exact DeepEyesV2 action format; running them through the
+real tools gives the SFT trajectories, and `argus data oracle` the table of each teacher's accuracy per
+slice on each distribution.
 """
 
 from __future__ import annotations
@@ -18,16 +39,20 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from PIL import Image, ImageDraw
 
+from argus.agent.behaviour import MARKERS
 from argus.agent.task import Task
+from argus.config import TeacherName
 
-# Names the suite's design (questions, gold turns, entity pools): part of the key of a generated suite, so a
-# change here generates anew instead of reusing a suite made the old way.
-SUITE_VERSION = 2
+# Names the suite's design (questions, teachers, mixes, entity pools): part of the key of a generated suite,
+# so a change here generates anew instead of reusing a suite made the old way.
+SUITE_VERSION = 3
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "blue": (40, 70, 220),
@@ -37,7 +62,6 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 CELL = 40
 GRID = 4
-FAMILY_MIX = (("perception", 0.35), ("reasoning", 0.2), ("search", 0.25), ("integrated", 0.2))
 SYLLABLES = [
     "vor",
     "lan",
@@ -133,12 +157,6 @@ class Entity:
         return png(img)
 
 
-@dataclass
-class MiniTask:
-    task: Task
-    gold: list[str] = field(default_factory=list)
-
-
 def make_entities(rng: random.Random, n: int) -> list[Entity]:
     """`n` entities with distinct names; no name is also a region's (a search for one would find both)."""
     names: set[str] = set()
@@ -170,20 +188,174 @@ def make_entities(rng: random.Random, n: int) -> list[Entity]:
     return out
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """A scripted demonstrator and its habits: its option at each decision of `argus.agent.behaviour`."""
+
+    name: str
+    count: str  # "cells" | "blobs"
+    check: str  # "once" | "check"
+
+
+TEACHERS = (
+    Teacher("ada", "cells", "once"),
+    Teacher("bo", "blobs", "check"),
+    Teacher("cy", "cells", "check"),
+    Teacher("dee", "blobs", "once"),
+)
+assert {t.name for t in TEACHERS} == set(get_args(TeacherName))
+# Each teacher's share of the demonstrations, chosen on the dev split: cells and checking each take 0.6 of
+# the decision slices, so SFT's greedy choice is set (cells on every counting cue, checking after every
+# search) and fails on part of each decision slice, while its sampled rates stay inside (0.3, 0.7) where
+# the reward has both options to compare. `teachers: {ada: 1, bo: 1, cy: 1, dee: 1}` is the even mix.
+DEMO_WEIGHTS: dict[str, float] = {"ada": 0.3, "bo": 0.3, "cy": 0.3, "dee": 0.1}
+
+
+@dataclass(frozen=True)
+class Slice:
+    family: str
+    # On the target distribution, the option each decision of the slice must take to be right (a teacher
+    # with another habit fails there); empty for a slice with no decision.
+    right: dict[str, str] = field(default_factory=dict)
+
+
+SLICES: dict[str, Slice] = {
+    "count-grid": Slice("perception", {"count": "cells"}),
+    "count-picture": Slice("perception", {"count": "blobs"}),
+    "colour": Slice("perception"),
+    "measure": Slice("perception"),
+    "arith": Slice("reasoning"),
+    "search": Slice("search"),
+    "chain-grid": Slice("integrated", {"count": "cells", "check": "once"}),
+    "chain-picture": Slice("integrated", {"count": "blobs", "check": "once"}),
+    "emblem": Slice("integrated"),
+}
+DECISION_SLICES = tuple(name for name, s in SLICES.items() if s.right)
+CUES = {"grid": "on the grid", "picture": "in the picture"}
+
+# Template shares per split (a template with a cue splits evenly between its two slices). The
+# demonstrations cover every template; most RL prompts carry a decision, so every step trains on them; the
+# dev and eval splits keep half of their tasks in slices with no decision, the control.
+MIXES: dict[str, tuple[tuple[str, float], ...]] = {
+    "sft": (
+        ("count", 0.30),
+        ("colour", 0.10),
+        ("measure", 0.10),
+        ("arith", 0.15),
+        ("search", 0.15),
+        ("chain", 0.12),
+        ("emblem", 0.08),
+    ),
+    "rl": (
+        ("count", 0.45),
+        ("chain", 0.30),
+        ("colour", 0.05),
+        ("measure", 0.05),
+        ("arith", 0.05),
+        ("search", 0.05),
+        ("emblem", 0.05),
+    ),
+    "target": (
+        ("count", 0.34),
+        ("chain", 0.16),
+        ("colour", 0.10),
+        ("measure", 0.10),
+        ("arith", 0.10),
+        ("search", 0.10),
+        ("emblem", 0.10),
+    ),
+}
+SPLITS = ("sft", "rl", "dev", "eval")  # sft: the demonstration distribution; the others: the target
+
+
+def mix_of(split: str) -> tuple[tuple[str, float], ...]:
+    return MIXES[split] if split in MIXES else MIXES["target"]
+
+
+@dataclass
+class MiniTask:
+    task: Task
+    scripts: dict[str, list[str]]  # teacher name -> its assistant turns
+    teacher: str  # whose turns are `gold`: the demonstrator (SFT), or a teacher that is right (other splits)
+
+    @property
+    def gold(self) -> list[str]:
+        return self.scripts[self.teacher]
+
+
+def _palette_line() -> str:
+    return f"palette = {PALETTE!r}"
+
+
+def _cells_code(colour: str) -> str:
+    return (
+        "import numpy as np\n"
+        f"{_palette_line()}\n"
+        "a = np.array(image_1.convert('RGB')).astype(int)\n"
+        "count = 0\n"
+        f"for r in range({GRID}):\n"
+        f"    for c in range({GRID}):\n"
+        f"        if np.abs(a[r * {CELL} + {CELL // 2}, c * {CELL} + {CELL // 2}] - palette['{colour}']).sum() < 30:\n"
+        "            count += 1\n"
+        "print(count)"
+    )
+
+
+def _blobs_code(colour: str) -> str:
+    return (
+        "import numpy as np\n"
+        "from scipy import ndimage\n"
+        f"{_palette_line()}\n"
+        "a = np.array(image_1.convert('RGB')).astype(int)\n"
+        f"mask = np.abs(a - palette['{colour}']).sum(axis=2) < 30\n"
+        "labels, count = ndimage.label(mask)\n"
+        "print(count)"
+    )
+
+
+def count_turn(strategy: str, colour: str, cue: str) -> str:
+    """The counting turn: the thought restates where the question says the shapes are (a copy of its cue),
+    then names the strategy (`MARKERS`) in the very next words, so that for the policy the decision is
+    the token after the cue: a link from cue to strategy the reward can strengthen directly, with nothing
+    in between to carry it (the demonstrations tie no cue to either strategy)."""
+    marker = MARKERS["count"][strategy]
+    thought = f"Counting the shapes {CUES[cue]} {marker}:"
+    if strategy == "cells":
+        return code_turn(
+            f"{thought} I read the colour at the centre of each of the {GRID}x{GRID} cells.", _cells_code(colour)
+        )
+    return code_turn(f"{thought} I mask the colour and count its connected regions.", _blobs_code(colour))
+
+
+def check_turn(e: Entity) -> str:
+    return tool_turn(f"{MARKERS['check']['check']}: I run the same search once more to confirm it.", _history(e))
+
+
 class TaskFactory:
-    def __init__(self, rng: random.Random, entities: list[Entity], prefix: str):
+    """Tasks of one split: `target` draws the images of the target distribution (dense grids, scattered
+    shapes), else the demonstration distribution's (shapes in the cells, never touching)."""
+
+    def __init__(self, rng: random.Random, entities: list[Entity], prefix: str, *, target: bool):
         self.rng = rng
         self.entities = entities
         self.prefix = prefix
-        self.count = 0
+        self.target = target
+        self.issued = 0
 
     def _id(self, family: str) -> str:
-        self.count += 1
-        return f"{self.prefix}-{self.count:05d}-{family}"
+        self.issued += 1
+        return f"{self.prefix}-{self.issued:05d}-{family}"
+
+    def _task(self, slice_: str, image: bytes, question: str, answer: str, **kw: Any) -> Task:
+        family = SLICES[slice_].family
+        return Task(
+            id=self._id(family), family=family, slice=slice_, image=image, question=question, answer=answer, **kw
+        )
 
     # -- images ----------------------------------------------------------------------------------
 
     def _grid(self) -> tuple[Image.Image, dict[tuple[int, int], str]]:
+        """Shapes centred in some cells of the grid, never touching: every counting habit is right."""
         img = Image.new("RGB", (CELL * GRID, CELL * GRID), (255, 255, 255))
         draw = ImageDraw.Draw(img)
         cells: dict[tuple[int, int], str] = {}
@@ -198,56 +370,128 @@ class TaskFactory:
                     shape((cx - radius, cy - radius, cx + radius, cy + radius), fill=PALETTE[name])
         return img, cells
 
-    # -- families --------------------------------------------------------------------------------
+    def _dense_grid(self) -> tuple[Image.Image, str, int]:
+        """Most cells filled edge to edge, the asked colour with two neighbours that touch: sampling the
+        cells is right, labelling the regions merges the neighbours and counts too few."""
+        while True:
+            cells = {
+                (r, c): self.rng.choice(list(PALETTE))
+                for r in range(GRID)
+                for c in range(GRID)
+                if self.rng.random() < 0.85
+            }
+            touching = sorted(
+                {v for (r, c), v in cells.items() if cells.get((r + 1, c)) == v or cells.get((r, c + 1)) == v}
+            )
+            if touching:
+                break
+        colour = self.rng.choice(touching)
+        img = Image.new("RGB", (CELL * GRID, CELL * GRID), (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        for (r, c), name in cells.items():
+            draw.rectangle((c * CELL, r * CELL, c * CELL + CELL - 1, r * CELL + CELL - 1), fill=PALETTE[name])
+        return img, colour, sum(1 for v in cells.values() if v == colour)
 
-    def perception(self) -> MiniTask:
-        img, cells = self._grid()
-        kind = self.rng.choice(("count", "colour", "measure"))
-        if kind == "count" or (kind == "colour" and not cells):
+    def _scatter(self) -> tuple[Image.Image, str, int]:
+        """Small shapes anywhere between the cell centres, apart from each other: labelling the regions is
+        right, sampling the cell centres finds none of them."""
+        size = CELL * GRID
+        centres = [(c * CELL + CELL // 2, r * CELL + CELL // 2) for r in range(GRID) for c in range(GRID)]
+        boxes: list[tuple[int, int, int, int, str]] = []
+        wanted = self.rng.randrange(5, 10)
+        for _ in range(400):
+            if len(boxes) == wanted:
+                break
+            radius = self.rng.randrange(5, 9)
+            cx, cy = (
+                self.rng.randrange(radius + 1, size - radius - 1),
+                self.rng.randrange(radius + 1, size - radius - 1),
+            )
+            box = (cx - radius, cy - radius, cx + radius, cy + radius)
+            if any(box[0] - 1 <= x <= box[2] + 1 and box[1] - 1 <= y <= box[3] + 1 for x, y in centres):
+                continue
+            if any(
+                box[0] <= b[2] + 3 and b[0] <= box[2] + 3 and box[1] <= b[3] + 3 and b[1] <= box[3] + 3 for b in boxes
+            ):
+                continue
+            boxes.append((*box, self.rng.choice(list(PALETTE))))
+        img = Image.new("RGB", (size, size), (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        for x0, y0, x1, y1, name in boxes:
+            shape = draw.ellipse if self.rng.random() < 0.5 else draw.rectangle
+            shape((x0, y0, x1, y1), fill=PALETTE[name])
+        colour = self.rng.choice(sorted({b[4] for b in boxes}))
+        return img, colour, sum(1 for b in boxes if b[4] == colour)
+
+    def _count_image(self, cue: str) -> tuple[Image.Image, str, int]:
+        if not self.target:
+            img, cells = self._grid()
             colour = self.rng.choice(list(PALETTE))
-            n = sum(1 for v in cells.values() if v == colour)
-            task = Task(
-                id=self._id("perception"),
-                family="perception",
-                image=png(img),
-                answer=str(n),
-                answer_type="number",
-                question=f"How many {colour} shapes are in the image?",
-            )
-            return MiniTask(
-                task,
-                [
-                    code_turn(
-                        f"The shapes sit on a {GRID}x{GRID} grid of {CELL}-pixel cells. I will read the colour at "
-                        f"the centre of every cell and count the {colour} ones.",
-                        _count_code(colour),
-                    ),
-                    answer_turn(READ_OUTPUT, str(n)),
-                ],
-            )
-        if kind == "colour":
-            (r, c), colour = self.rng.choice(sorted(cells.items()))
-            task = Task(
-                id=self._id("perception"),
-                family="perception",
-                image=png(img),
-                answer=colour,
-                question=f"What colour is the shape in row {r + 1}, column {c + 1} of the grid "
-                "(rows and columns counted from one, top left)?",
-            )
-            return MiniTask(
-                task,
-                [
-                    code_turn(
-                        "I will read the pixel at the centre of that cell and match it to the nearest named colour.",
-                        _colour_code(r, c),
-                    ),
-                    answer_turn(READ_OUTPUT, colour),
-                ],
-            )
-        return self._measure()
+            return img, colour, sum(1 for v in cells.values() if v == colour)
+        return self._dense_grid() if cue == "grid" else self._scatter()
 
-    def _measure(self) -> MiniTask:
+    # -- templates --------------------------------------------------------------------------------
+
+    def count(self, cue: str) -> MiniTask:
+        img, colour, n = self._count_image(cue)
+        task = self._task(
+            f"count-{cue}",
+            png(img),
+            f"How many {colour} shapes are {CUES[cue]}?",
+            str(n),
+            answer_type="number",
+        )
+        scripts = {t.name: [count_turn(t.count, colour, cue), answer_turn(READ_OUTPUT, str(n))] for t in TEACHERS}
+        return self._mini(task, scripts)
+
+    def chain(self, cue: str) -> MiniTask:
+        img, colour, n = self._count_image(cue)
+        e = self.rng.choice(self.entities)
+        result = n * e.founded
+        task = self._task(
+            f"chain-{cue}",
+            png(img),
+            f"Multiply the number of {colour} shapes {CUES[cue]} by the founding year of {e.name}.",
+            str(result),
+            answer_type="number",
+        )
+        look_up = tool_turn("Now I need the founding year; I will search for its history.", _history(e))
+        # `count` is still defined in the kernel: the session keeps state across turns.
+        multiply = code_turn(f"It was founded in {e.founded}. I multiply the count by it.", f"print(count*{e.founded})")
+        scripts = {
+            t.name: [
+                count_turn(t.count, colour, cue),
+                look_up,
+                *([check_turn(e)] if t.check == "check" else []),
+                multiply,
+                answer_turn(READ_OUTPUT, str(result)),
+            ]
+            for t in TEACHERS
+        }
+        return self._mini(task, scripts)
+
+    def colour(self, _cue: str = "") -> MiniTask:
+        img, cells = self._grid()
+        while not cells:
+            img, cells = self._grid()
+        (r, c), colour = self.rng.choice(sorted(cells.items()))
+        task = self._task(
+            "colour",
+            png(img),
+            f"What colour is the shape in row {r + 1}, column {c + 1} of the grid "
+            "(rows and columns counted from one, top left)?",
+            colour,
+        )
+        turns = [
+            code_turn(
+                "I will read the pixel at the centre of that cell and match it to the nearest named colour.",
+                _colour_code(r, c),
+            ),
+            answer_turn(READ_OUTPUT, colour),
+        ]
+        return self._mini(task, {t.name: turns for t in TEACHERS})
+
+    def measure(self, _cue: str = "") -> MiniTask:
         img = Image.new("RGB", (220, 120), (255, 255, 255))
         draw = ImageDraw.Draw(img)
         colours = self.rng.sample(list(PALETTE), 3)
@@ -259,123 +503,80 @@ class TaskFactory:
             draw.rectangle((x0, y0, x0 + width - 1, y0 + 13), fill=PALETTE[colour])
             widths[colour] = width
         colour = self.rng.choice(colours)
-        task = Task(
-            id=self._id("perception"),
-            family="perception",
-            image=png(img),
-            answer=str(widths[colour]),
-            answer_type="number",
-            question=f"How many pixels wide is the {colour} bar?",
+        task = self._task(
+            "measure", png(img), f"How many pixels wide is the {colour} bar?", str(widths[colour]), answer_type="number"
         )
-        return MiniTask(
-            task,
-            [
-                code_turn(
-                    f"I will find the {colour} pixels, crop the bar out and measure its width.", _measure_code(colour)
-                ),
-                answer_turn(READ_OUTPUT, str(widths[colour])),
-            ],
-        )
+        turns = [
+            code_turn(
+                f"I will find the {colour} pixels, crop the bar out and measure its width.", _measure_code(colour)
+            ),
+            answer_turn(READ_OUTPUT, str(widths[colour])),
+        ]
+        return self._mini(task, {t.name: turns for t in TEACHERS})
 
-    def reasoning(self) -> MiniTask:
+    def arith(self, _cue: str = "") -> MiniTask:
         a, b, c = self.rng.randrange(1000, 99999), self.rng.randrange(100, 9999), self.rng.randrange(1, 99999)
         result = a * b - c
         img = Image.new("RGB", (200, 40), (255, 255, 255))
         ImageDraw.Draw(img).text((6, 12), f"{a} x {b} - {c}", fill=(0, 0, 0))
-        task = Task(
-            id=self._id("reasoning"),
-            family="reasoning",
-            image=png(img),
-            answer=str(result),
-            answer_type="number",
-            question=f"What is {a}*{b}-{c}?",
-        )
-        return MiniTask(
-            task,
-            [
-                code_turn(
-                    "This multiplication is too long to do reliably in my head; I will compute it.",
-                    f"print({a}*{b}-{c})",
-                ),
-                answer_turn(READ_OUTPUT, str(result)),
-            ],
-        )
+        task = self._task("arith", png(img), f"What is {a}*{b}-{c}?", str(result), answer_type="number")
+        turns = [
+            code_turn(
+                "This multiplication is too long to do reliably in my head; I will compute it.", f"print({a}*{b}-{c})"
+            ),
+            answer_turn(READ_OUTPUT, str(result)),
+        ]
+        return self._mini(task, {t.name: turns for t in TEACHERS})
 
-    def search(self) -> MiniTask:
+    def search(self, _cue: str = "") -> MiniTask:
         e = self.rng.choice(self.entities)
         img = Image.new("RGB", (64, 64), (245, 245, 250))
-        task = Task(
-            id=self._id("search"),
-            family="search",
-            image=png(img),
-            answer=str(e.founded),
+        task = self._task(
+            "search",
+            png(img),
+            f"In what year was the {e.kind} of {e.name} founded?",
+            str(e.founded),
             answer_type="number",
-            question=f"In what year was the {e.kind} of {e.name} founded?",
         )
-        return MiniTask(
-            task,
-            [
-                tool_turn("I do not know this place; I will search for its history.", _history(e)),
-                answer_turn(f"It was founded in {e.founded}.", str(e.founded)),
-            ],
-        )
+        look_up = tool_turn("I do not know this place; I will search for its history.", _history(e))
+        answer = answer_turn(f"It was founded in {e.founded}.", str(e.founded))
+        scripts = {t.name: [look_up, *([check_turn(e)] if t.check == "check" else []), answer] for t in TEACHERS}
+        return self._mini(task, scripts)
 
-    def integrated(self) -> MiniTask:
-        if self.rng.random() < 0.5:
-            return self._emblem()
-        img, cells = self._grid()
-        colour = self.rng.choice(list(PALETTE))
-        n = sum(1 for v in cells.values() if v == colour)
+    def emblem(self, _cue: str = "") -> MiniTask:
         e = self.rng.choice(self.entities)
-        result = n * e.founded
-        task = Task(
-            id=self._id("integrated"),
-            family="integrated",
-            image=png(img),
-            answer=str(result),
+        task = self._task(
+            "emblem",
+            e.emblem(jitter=1),
+            "The image shows the emblem of a fictional place. In what year was that place founded?",
+            str(e.founded),
             answer_type="number",
-            question=f"Multiply the number of {colour} shapes in the image by the founding year of {e.name}.",
         )
-        return MiniTask(
-            task,
-            [
-                code_turn(f"First I count the {colour} shapes with code.", _count_code(colour)),
-                tool_turn("Now I need the founding year; I will search for its history.", _history(e)),
-                # `count` is still defined in the kernel: the session keeps state across turns.
-                code_turn(f"It was founded in {e.founded}. I multiply the count by it.", f"print(count*{e.founded})"),
-                answer_turn(READ_OUTPUT, str(result)),
-            ],
+        lens = tool_turn(
+            "I cannot recognise this emblem myself; an image search should identify it.", {"name": "image_search"}
         )
+        look_up = tool_turn(f"The closest match is the emblem of {e.name}; I will search for its history.", _history(e))
+        answer = answer_turn(f"It was founded in {e.founded}.", str(e.founded))
+        scripts = {t.name: [lens, look_up, *([check_turn(e)] if t.check == "check" else []), answer] for t in TEACHERS}
+        return self._mini(task, scripts)
 
-    def _emblem(self) -> MiniTask:
-        e = self.rng.choice(self.entities)
-        task = Task(
-            id=self._id("integrated"),
-            family="integrated",
-            image=e.emblem(jitter=1),
-            answer=str(e.founded),
-            answer_type="number",
-            question="The image shows the emblem of a fictional place. In what year was that place founded?",
-        )
-        return MiniTask(
-            task,
-            [
-                tool_turn(
-                    "I cannot recognise this emblem myself; an image search should identify it.",
-                    {"name": "image_search"},
-                ),
-                tool_turn(f"The closest match is the emblem of {e.name}; I will search for its history.", _history(e)),
-                answer_turn(f"It was founded in {e.founded}.", str(e.founded)),
-            ],
-        )
+    def _mini(self, task: Task, scripts: dict[str, list[str]]) -> MiniTask:
+        # The gold of a target task is a teacher that is right on it; a demonstration's is set by the split.
+        right = SLICES[task.slice].right
+        teacher = next(t.name for t in TEACHERS if all(getattr(t, d) == o for d, o in right.items()))
+        return MiniTask(task, scripts, teacher)
 
-    def make(self, family: str) -> MiniTask:
-        return {
-            "perception": self.perception,
-            "reasoning": self.reasoning,
+    def make(self, template: str, cue: str = "") -> MiniTask:
+        make: dict[str, Callable[[str], MiniTask]] = {
+            "count": self.count,
+            "chain": self.chain,
+            "colour": self.colour,
+            "measure": self.measure,
+            "arith": self.arith,
             "search": self.search,
-            "integrated": self.integrated,
-        }[family]()
+            "emblem": self.emblem,
+        }
+        return make[template](cue)
 
 
 def _history(e: Entity) -> dict[str, Any]:
@@ -386,26 +587,11 @@ def _history(e: Entity) -> dict[str, Any]:
     return {"name": "search", "arguments": {"query": f"history of {e.name}"}}
 
 
-def _count_code(colour: str) -> str:
-    return (
-        "import numpy as np\n"
-        "a = np.array(image_1.convert('RGB')).astype(int)\n"
-        f"target = np.array({list(PALETTE[colour])})\n"
-        "count = 0\n"
-        f"for r in range({GRID}):\n"
-        f"    for c in range({GRID}):\n"
-        f"        y, x = r * {CELL} + {CELL // 2}, c * {CELL} + {CELL // 2}\n"
-        "        if np.abs(a[y, x] - target).sum() < 30:\n"
-        "            count += 1\n"
-        "print(count)"
-    )
-
-
 def _colour_code(r: int, c: int) -> str:
     # Row and column as the question gives them (counted from 1), so the code copies them.
     return (
         "import numpy as np\n"
-        f"palette = {PALETTE!r}\n"
+        f"{_palette_line()}\n"
         f"r, c = {r + 1}, {c + 1}\n"
         f"x, y = (c - 1) * {CELL} + {CELL // 2}, (r - 1) * {CELL} + {CELL // 2}\n"
         "pixel = np.array(image_1.convert('RGB').getpixel((x, y)))\n"
@@ -426,13 +612,38 @@ def _measure_code(colour: str) -> str:
     )
 
 
-def _families(rng: random.Random, n: int) -> list[str]:
-    """Exactly proportional counts (rounding absorbed by the first family), in a seeded order."""
-    counts = [int(n * share) for _f, share in FAMILY_MIX]
+def _templates(rng: random.Random, split: str, n: int) -> list[tuple[str, str]]:
+    """(template, cue) of `n` tasks: exactly proportional counts (rounding absorbed by the first template),
+    a template with a cue split evenly between its cues, in a seeded order."""
+    mix = mix_of(split)
+    counts = [int(n * share) for _t, share in mix]
     counts[0] += n - sum(counts)
-    out = [family for (family, _s), k in zip(FAMILY_MIX, counts, strict=True) for _ in range(k)]
+    out: list[tuple[str, str]] = []
+    for (template, _s), k in zip(mix, counts, strict=True):
+        cued = template in ("count", "chain")
+        out.extend((template, (("grid", "picture")[i % 2] if cued else "")) for i in range(k))
     rng.shuffle(out)
     return out
+
+
+def assign_teachers(tasks: list[MiniTask], weights: Mapping[str, float] | None = None) -> None:
+    """The demonstrator of each SFT task, by the teachers' shares (`weights`, default `DEMO_WEIGHTS`).
+    Within a slice, its tasks in order of the colour they ask about take the teachers in turn, the one
+    furthest behind its share next (ties in `TEACHERS` order: with equal shares ada, bo, cy, dee), so every
+    slice, and each of its question wordings, gets each habit at its share (one task off at most)."""
+    given_weights = weights if weights is not None else DEMO_WEIGHTS
+    share = {t.name: float(given_weights.get(t.name, 0.0)) for t in TEACHERS}
+    total = sum(share.values())
+    by_slice: dict[str, list[MiniTask]] = {}
+    for mini in tasks:
+        by_slice.setdefault(mini.task.slice, []).append(mini)
+    for group in by_slice.values():
+        ordered = sorted(group, key=lambda m: next((w for w in m.task.question.split() if w in PALETTE), ""))
+        given: Counter[str] = Counter()
+        for i, mini in enumerate(ordered):
+            behind = {t.name: share[t.name] / total * (i + 1) - given[t.name] for t in TEACHERS}
+            mini.teacher = max(TEACHERS, key=lambda t: (behind[t.name], -TEACHERS.index(t))).name
+            given[mini.teacher] += 1
 
 
 @dataclass
@@ -441,27 +652,57 @@ class Suite:
     sft: list[MiniTask]
     rl: list[MiniTask]
     eval: list[MiniTask]
+    dev: list[MiniTask] = field(default_factory=list)
     train_entities: list[Entity] = field(default_factory=list)
-    """The entities SFT and RL tasks ask about; the eval split asks about the others only."""
+    """The entities SFT and RL tasks ask about; the dev and eval splits ask about others, each its own."""
+    pools: dict[str, list[Entity]] = field(default_factory=dict)
+
+    def split(self, name: str) -> list[MiniTask]:
+        return {"sft": self.sft, "rl": self.rl, "dev": self.dev, "eval": self.eval}[name]
 
 
-def build_suite(seed: int, sft_size: int, rl_size: int, eval_size: int) -> Suite:
-    """The three splits of a seed. Training tasks (SFT and RL) ask about one pool of entities, about as
-    many as they have tasks, and the eval split about another: a model cannot learn the facts of a few
-    dozen entities by heart and must read them from the search results, as on held-out entities."""
+def build_suite(
+    seed: int,
+    sft_size: int,
+    rl_size: int,
+    eval_size: int,
+    dev_size: int | None = None,
+    teachers: Mapping[str, float] | None = None,
+) -> Suite:
+    """The four splits of a seed. Each split asks about its own pool of entities, about as many as it has
+    tasks, and draws its tasks from its own seeded generator: a model cannot learn the facts of a few dozen
+    entities by heart and must read them from the search results, as on held-out entities; and no split's
+    tasks depend on another's size."""
+    dev_size = eval_size if dev_size is None else dev_size
+    sizes = {"sft": sft_size, "rl": rl_size, "dev": dev_size, "eval": eval_size}
     rng = random.Random(seed)
-    n_train, n_eval = max(40, sft_size + rl_size), max(20, eval_size)
-    entities = make_entities(rng, n_train + n_eval)
-    train_entities, eval_entities = entities[:n_train], entities[n_train:]
+    entities = make_entities(rng, sum(max(20, n) for n in sizes.values()))
+    pools: dict[str, list[Entity]] = {}
+    at = 0
+    for name in SPLITS:
+        k = max(20, sizes[name])
+        pools[name] = entities[at : at + k]
+        at += k
     splits: dict[str, list[MiniTask]] = {}
-    for name, size, pool in (
-        ("sft", sft_size, train_entities),
-        ("rl", rl_size, train_entities),
-        ("eval", eval_size, eval_entities),
-    ):
+    for name in SPLITS:
         split_rng = random.Random(f"{seed}-{name}")
-        factory = TaskFactory(split_rng, pool, name)
-        splits[name] = [factory.make(f) for f in _families(split_rng, size)]
+        factory = TaskFactory(split_rng, pools[name], name, target=name != "sft")
+        splits[name] = [factory.make(t, cue) for t, cue in _templates(split_rng, name, sizes[name])]
+    assign_teachers(splits["sft"], teachers)
     return Suite(
-        entities=entities, sft=splits["sft"], rl=splits["rl"], eval=splits["eval"], train_entities=train_entities
+        entities=entities,
+        sft=splits["sft"],
+        rl=splits["rl"],
+        eval=splits["eval"],
+        dev=splits["dev"],
+        train_entities=pools["sft"] + pools["rl"],
+        pools=pools,
     )
+
+
+def teacher_mix(tasks: list[MiniTask]) -> dict[str, dict[str, int]]:
+    """Per slice, how many demonstrations each teacher gave (recorded in the data manifest)."""
+    mix: dict[str, Counter[str]] = {}
+    for mini in tasks:
+        mix.setdefault(mini.task.slice, Counter())[mini.teacher] += 1
+    return {s: {t.name: mix[s][t.name] for t in TEACHERS} for s in sorted(mix)}

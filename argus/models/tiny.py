@@ -27,7 +27,7 @@ from argus.storage import upload_dir
 Arch = Literal["qwen2", "qwen2_5_vl"]
 # Names the recipe a tiny model was built by (tokenizer, sizes, pre-training): part of the name of a built
 # base model, so a change here builds a new one instead of reusing one made the old way.
-RECIPE = "r2"
+RECIPE = "r3"
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",

@@ -79,6 +79,8 @@ def prepare_data(spec: PipelineSpec) -> DataRef:
                 sft_size=gen.sft_size,
                 rl_size=gen.rl_size,
                 eval_size=gen.eval_size,
+                dev_size=gen.dev_size,
+                teachers={str(k): v for k, v in gen.teachers.items()} if gen.teachers else None,
                 prompt=spec.prompt,
                 stack=settings,
                 on_progress=progress,

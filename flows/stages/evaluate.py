@@ -208,8 +208,7 @@ def run_eval(
             log.warning("%s: %d traces were not written: %s", label, len(problems), problems[0])
             client.set_tag(run_id, tracking.TAG_TRACES_ERROR, "; ".join(problems)[:500])
         trace_ids: list[str | None] = [written.get(t.id) for t in tasks]
-        metrics = {k: v for name_, m in result.summary.items() for k, v in m.flat(name_).items()}
-        metrics.update({f"{family}/{k}": v for family, rates in result.sampled.items() for k, v in rates.items()})
+        metrics = result.flat()
         metrics.update({"time/serve_s": result.serve_s, "time/eval_s": result.eval_s})
         now = int(time.time() * 1000)
         with tempfile.TemporaryDirectory() as tmp:
@@ -249,6 +248,7 @@ def run_eval(
         model_fingerprint=model_fingerprint,
         suite=suite.name,
         metrics=result.metrics(),
+        slices=result.slice_metrics(),
         mlflow_run_id=run_id,
         mlflow_run_url=tracking.mlflow_run_url(settings, experiment_id, run_id),
         tasks=per_task,

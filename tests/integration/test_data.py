@@ -252,3 +252,35 @@ def test_tiny_models_load_and_run(arch: str, tmp_path: Path, cli: Cli, s3: Stack
 def test_init_tiny_rejects_unknown_arch(cli: Cli, tmp_path: Path) -> None:
     result = cli("models", "init-tiny", "--arch", "llama", "--out", str(tmp_path), check=False)
     assert result.returncode == 2 and "qwen2 or qwen2_5_vl" in result.stderr
+
+
+def test_the_oracle_table_shows_real_decisions(tmp_path: Path) -> None:
+    """Every teacher through the real executor and search proxy: all right on the demonstrations; on the
+    target distribution, right on a decision slice only with the habit its cue calls for; all right on
+    the slices with no decision."""
+    from argus.data.oracle import oracle
+    from argus.data.tasks import SLICES, TEACHERS
+    from tests.conftest import local_tools
+
+    table = oracle(
+        tools=local_tools(StackSettings(home=tmp_path / "home")),
+        seed=4,
+        sft_size=60,
+        rl_size=40,
+        eval_size=40,
+        dev_size=30,
+        per_slice=2,
+    )
+    assert set(table.cells) == {"sft", "rl", "dev", "eval"}
+    assert table.turns["sft"] > table.turns["eval"] == 4
+    for split, per_slice in table.cells.items():
+        assert set(per_slice) == set(SLICES)
+        for name, per_teacher in per_slice.items():
+            for t in TEACHERS:
+                accuracy = table.accuracy(split, name, t.name)
+                right = SLICES[name].right
+                fits = all(getattr(t, d) == o for d, o in right.items())
+                expected = 1.0 if split == "sft" or fits else 0.0
+                assert accuracy == expected, (split, name, t.name, per_teacher)
+    columns, rows = table.rows()
+    assert len(rows) == 4 * len(SLICES) and len(columns) == 4 + len(TEACHERS)

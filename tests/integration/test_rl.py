@@ -16,7 +16,7 @@ from argus.data.formats import SFTExample
 from argus.data.generate import write_search_corpus
 from argus.data.tasks import MiniTask, Suite, build_suite
 from trainers.rl.grpo import token_logprobs
-from trainers.rl.rollout import Episode, InProcessEngine, RolloutResult, Sample, rollout
+from trainers.rl.rollout import Episode, InProcessEngine, RolloutResult, RolloutSettings, Sample, rollout
 from trainers.sft.data import Encoder, chatml_parts
 
 pytestmark = pytest.mark.integration
@@ -86,7 +86,6 @@ class ScriptedEngine:
 def play(tools: ToolEndpoints, tasks: list[MiniTask], engine: Any, tokenizer: Any, **kw: Any) -> RolloutResult:
     args: dict[str, Any] = dict(
         group_size=1,
-        seed=0,
         sandbox_url=tools.sandbox_url,
         search_url=tools.search_url,
         prompt="compact",
@@ -95,10 +94,10 @@ def play(tools: ToolEndpoints, tasks: list[MiniTask], engine: Any, tokenizer: An
         response_tokens=2048,
         tool_timeout_s=20.0,
         episode_timeout_s=120.0,
-        run_id="rl-test",
     )
+    run: dict[str, Any] = {"seed": kw.pop("seed", 0), "run_id": "rl-test", "make_env": kw.pop("make_env", None)}
     args.update(kw)
-    return asyncio.run(rollout([m.task for m in tasks], engine, tokenizer, **args))
+    return asyncio.run(rollout([m.task for m in tasks], engine, tokenizer, RolloutSettings(**args), **run))
 
 
 def segments(ep: Episode) -> list[tuple[int, list[int]]]:

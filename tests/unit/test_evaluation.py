@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from argus.agent.env import Trajectory
-from argus.agent.evaluation import metrics_table, pass_rates, solved_counts, summarize, wilson
+from argus.agent.evaluation import mcnemar, metrics_table, pass_rates, solved_counts, summarize, wilson
 from argus.agent.reward import Reward
 
 
@@ -23,6 +23,16 @@ from argus.agent.reward import Reward
 def test_wilson_interval_matches_known_values(successes: int, n: int, low: float, high: float) -> None:
     lo, hi = wilson(successes, n)
     assert lo == pytest.approx(low, abs=1e-4) and hi == pytest.approx(high, abs=1e-4)
+
+
+def test_mcnemar_counts_discordant_tasks_and_matches_the_exact_binomial() -> None:
+    first = [True] * 10 + [False] * 2 + [True] * 5 + [False] * 3
+    second = [False] * 10 + [True] * 2 + [True] * 5 + [False] * 3
+    only_first, only_second, p = mcnemar(first, second)
+    assert (only_first, only_second) == (10, 2)
+    assert p == pytest.approx(0.0386, abs=1e-4)  # 2 * P(X <= 2), X ~ Binomial(12, 0.5)
+    assert mcnemar([True, False], [True, False]) == (0, 0, 1.0)
+    assert mcnemar([True] * 3, [False] * 3)[2] == pytest.approx(0.25)
 
 
 def test_150_tasks_bound_the_interval_to_eight_points() -> None:

@@ -26,13 +26,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from argus.agent.actions import TURN_STOPS
 from argus.agent.env import AgentEnv, Message, ToolClients, Trajectory
+from argus.agent.reward import Judge
 from argus.agent.task import Task
-from argus.config import Prompt
+from argus.config import Prompt, RewardSpec, RLJobConfig
 from trainers.sft.data import chatml_parts
 
 HTTP_MARGIN_S = 15.0
-STOP_TOKENS = ("<|im_end|>", "</code>", "</tool_call>")  # DeepEyesV2 stops a turn at an action's end
+STOP_TOKENS = TURN_STOPS  # token ids here: each is one token of the policy's tokenizer
 
 
 @dataclass
@@ -245,41 +247,82 @@ class RolloutResult:
     batches: list[int]
 
 
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How a step's episodes are played: the group size, the limits, the tools and the reward."""
+
+    sandbox_url: str
+    search_url: str
+    prompt: Prompt
+    group_size: int = 8
+    max_turns: int = 9
+    turn_tokens: int = 512
+    response_tokens: int = 2048
+    tool_timeout_s: float = 30.0
+    episode_timeout_s: float = 600.0
+    reward: RewardSpec = field(default_factory=RewardSpec)
+    judge_url: str | None = None  # scores accuracy where `reward.judge` is set
+
+    @classmethod
+    def of(cls, job: RLJobConfig) -> RolloutSettings:
+        rl = job.rl
+        return cls(
+            sandbox_url=job.sandbox_url,
+            search_url=job.search_url,
+            prompt=job.prompt,
+            group_size=rl.rollouts_per_prompt,
+            max_turns=rl.max_turns,
+            turn_tokens=rl.max_turn_tokens,
+            response_tokens=rl.max_response_tokens,
+            tool_timeout_s=rl.tool_timeout_s,
+            episode_timeout_s=rl.episode_timeout_s,
+            reward=rl.reward,
+            judge_url=job.judge_url,
+        )
+
+    def env(self, tools: ToolClients) -> AgentEnv:
+        """The agent environment of the episodes, with the job's reward (weights, answer limit, judge)."""
+        reward = self.reward
+        if reward.judge and not self.judge_url:
+            raise ValueError("rl.reward.judge is set but no judge endpoint was given")
+        return AgentEnv(
+            tools,
+            max_turns=self.max_turns,
+            code_timeout_s=self.tool_timeout_s,
+            prompt=self.prompt,
+            judge=Judge(self.judge_url) if reward.judge and self.judge_url else None,
+            max_answer_chars=reward.max_answer_chars,
+            accuracy_weight=reward.accuracy_weight,
+            format_weight=reward.format_weight,
+        )
+
+
 async def rollout(
     tasks: list[Task],
     engine: Engine,
     tokenizer: Any,
+    settings: RolloutSettings,
     *,
-    group_size: int,
     seed: int,
-    sandbox_url: str,
-    search_url: str,
-    prompt: Prompt,
-    max_turns: int,
-    turn_tokens: int,
-    response_tokens: int,
-    tool_timeout_s: float,
-    episode_timeout_s: float,
     run_id: str,
     make_env: Callable[[ToolClients], AgentEnv] | None = None,
 ) -> RolloutResult:
-    """`group_size` episodes of every task, in task order (a group's episodes are consecutive)."""
+    """`settings.group_size` episodes of every task, in task order (a group's episodes are consecutive)."""
     started = time.perf_counter()
-    episodes = [Episode(i, task) for i, task in enumerate(t for t in tasks for _ in range(group_size))]
+    size = settings.group_size
+    episodes = [Episode(i, task) for i, task in enumerate(t for t in tasks for _ in range(size))]
     lockstep = Lockstep(engine, len(episodes), seed)
     # The executor enforces the cell's limit and answers with its timeout text (an observation the model
     # learns from); the HTTP limit past it only catches an executor that does not answer at all.
-    tools = ToolClients(sandbox_url, search_url, run_id=run_id, timeout_s=tool_timeout_s + HTTP_MARGIN_S)
-    env = (
-        make_env(tools)
-        if make_env
-        else AgentEnv(tools, max_turns=max_turns, code_timeout_s=tool_timeout_s, prompt=prompt)
+    tools = ToolClients(
+        settings.sandbox_url, settings.search_url, run_id=run_id, timeout_s=settings.tool_timeout_s + HTTP_MARGIN_S
     )
+    env = make_env(tools) if make_env else settings.env(tools)
 
     async def play(ep: Episode) -> None:
-        policy = TokenPolicy(ep, lockstep, tokenizer, turn_tokens=turn_tokens, budget=response_tokens)
+        policy = TokenPolicy(ep, lockstep, tokenizer, turn_tokens=settings.turn_tokens, budget=settings.response_tokens)
         try:
-            ep.trajectory = await asyncio.wait_for(env.run(ep.task, policy), episode_timeout_s)
+            ep.trajectory = await asyncio.wait_for(env.run(ep.task, policy), settings.episode_timeout_s)
         except TimeoutError:
             ep.timed_out = True
         except asyncio.CancelledError:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from argus import events, tracking
+from argus.agent.behaviour import behaviour_by
 from argus.agent.prompts import opening as opening_messages
 from argus.agent.task import Task
 from argus.agent.traces import log_trajectories
@@ -52,7 +53,16 @@ from argus.storage import read_uri
 from argus.vllm_server import LocalVLLM, VLLMError
 from trainers.base import DeepSpeedTrainer, materialise_model, run_program
 from trainers.rl.grpo import group_advantages, groups_with_signal_first, has_signal, policy_loss, token_logprobs
-from trainers.rl.rollout import STOP_TOKENS, Engine, Episode, InProcessEngine, RolloutResult, encode, rollout
+from trainers.rl.rollout import (
+    STOP_TOKENS,
+    Engine,
+    Episode,
+    InProcessEngine,
+    RolloutResult,
+    RolloutSettings,
+    encode,
+    rollout,
+)
 from trainers.rl.vllm import (
     SERVER_ARGS,
     SERVER_ENV,
@@ -73,6 +83,7 @@ class RLTrainer(DeepSpeedTrainer):
         super().__init__(job, job.rl, "rl")
         self.job: RLJobConfig = job
         self.rl = job.rl
+        self.rollout_settings = RolloutSettings.of(job)
 
     # -- set-up --------------------------------------------------------------------------------------
 
@@ -249,16 +260,8 @@ class RLTrainer(DeepSpeedTrainer):
                 self.prompts_at(step, batch),
                 self.rollout_engine,
                 self.tokenizer,
-                group_size=job.rl.rollouts_per_prompt,
+                self.rollout_settings,
                 seed=hash((job.rl.seed, step, self.rank, *((batch,) if batch else ()))) & 0x7FFFFFFF,
-                sandbox_url=job.sandbox_url,
-                search_url=job.search_url,
-                prompt=job.prompt,
-                max_turns=job.rl.max_turns,
-                turn_tokens=job.rl.max_turn_tokens,
-                response_tokens=job.rl.max_response_tokens,
-                tool_timeout_s=job.rl.tool_timeout_s,
-                episode_timeout_s=job.rl.episode_timeout_s,
                 run_id=f"{job.job_name}-step{step}-r{self.rank}" + (f"-b{batch}" if batch else ""),
             )
         )
@@ -300,8 +303,18 @@ class RLTrainer(DeepSpeedTrainer):
 
         per_update = spec.episodes_per_update(self.world)
         n_micro = spec.micro_batches_per_step(self.world)
+        skipped = 0
         for lo in range(0, len(episodes), per_update):
             update = list(range(lo, min(lo + per_update, len(episodes))))
+            # An update in which no rank has a kept episode (every group's rewards equal, or masked) has
+            # zero gradients; AdamW would still move the weights on its momentum. Skip it on every rank
+            # (they agree by the all-reduce), and keep the schedule a function of the update's index.
+            signal = torch.tensor([float(any(keep[i] for i in update))])
+            self.dist.all_reduce(signal)
+            if float(signal[0]) == 0.0:
+                skipped += 1
+                self.scheduler.step()
+                continue
             # Every micro-batch divides by the update's count of trained tokens, so the micro-batch losses
             # sum to the token mean over the rank's mini-batch (DeepSpeed divides each by the accumulation
             # count).
@@ -339,12 +352,13 @@ class RLTrainer(DeepSpeedTrainer):
         kept_tokens = sum(sum(ep.mask) for ep, k in zip(episodes, keep, strict=True) if k)
         masked_tokens = sum(sum(ep.mask) for ep, k in zip(episodes, keep, strict=True) if not k)
         return {
-            "train/loss": float(stats[0]) / self.world / spec.updates_per_step,  # per update
+            "train/loss": float(stats[0]) / self.world / max(spec.updates_per_step - skipped, 1),  # per update
             "train/entropy": float(stats[1]) / max(trained, 1.0),
             "train/kl": float(stats[2]) / max(trained, 1.0),
             "train/clip_fraction": float(stats[3]) / max(trained, 1.0),
             "train/trained_tokens": trained,
-            "train/updates": float(spec.updates_per_step),
+            "train/updates": float(spec.updates_per_step - skipped),
+            "train/skipped_updates": float(skipped),
             "train/logprob_gap": gap_mean,
             "rollout/dropped_groups": adv.dropped_groups / max(adv.groups, 1),
             "rollout/masked_token_share": masked_tokens / max(masked_tokens + kept_tokens, 1),
@@ -458,6 +472,28 @@ class RLTrainer(DeepSpeedTrainer):
             out[f"reward/{family}/mean"] = sum(r.score for r in rewards) / n
             out[f"reward/{family}/accuracy"] = sum(r.accuracy for r in rewards) / n
             out[f"reward/{family}/format_rate"] = sum(r.format for r in rewards) / n
+        # Per slice: the reward and how the tools were used (strategy rates, calls, repeats), so MLflow
+        # shows RL changing the behaviour next to the accuracy.
+        slices: dict[str, list[Episode]] = defaultdict(list)
+        for ep in eps:
+            if ep.task.slice:
+                slices[ep.task.slice].append(ep)
+        for name, group in slices.items():
+            rewards = [ep.trajectory.reward for ep in group if ep.trajectory and ep.trajectory.reward]
+            out[f"slice/{name}/mean"] = sum(r.score for r in rewards) / len(group)
+            out[f"slice/{name}/accuracy"] = sum(r.accuracy for r in rewards) / len(group)
+        done = [(ep.task.slice or ep.task.family, ep.trajectory) for ep in eps if ep.trajectory is not None]
+        acted = behaviour_by((name, t.messages, t.calls(), t.reward.accuracy if t.reward else 0.0) for name, t in done)
+        for name, figures in acted.items():
+            prefix = "rollout" if name == "overall" else f"slice/{name}"
+            # (overall tool calls per episode is `rollout/tool_calls_per_episode` already)
+            out.update(
+                {
+                    f"{prefix}/{k}": v
+                    for k, v in figures.items()
+                    if name != "overall" or "strategy" in k or "repeat" in k
+                }
+            )
         totals = [reward_of(ep) for ep in eps]
         size = self.rl.rollouts_per_prompt
         groups = [totals[g : g + size] for g in range(0, len(totals), size)]

@@ -188,7 +188,9 @@ class KubernetesBackend(Backend):
         self._create_or_replace("toolenvironments", name, body)
         self._tools.add(name)
         status = self._wait_status("toolenvironments", name, lambda s: bool(s.get("ready")))
-        return ToolEndpoints(sandbox_url=status["sandbox_url"], search_url=status["search_url"])
+        return ToolEndpoints(
+            sandbox_url=status["sandbox_url"], search_url=status["search_url"], judge_url=status.get("judge_url")
+        )
 
     def _create_or_replace(self, plural: str, name: str, body: dict[str, Any]) -> None:
         try:

@@ -183,15 +183,18 @@ def pytorchjob(job: TrainingJob, spec: PipelineSpec, namespace: str) -> km.Kubef
 
 SANDBOX_PORT = 8080
 SEARCH_PORT = 8090
+VLLM_PORT = 8000
 
 
-def tool_urls(name: str, namespace: str) -> ToolEndpoints:
+def tool_urls(name: str, namespace: str, judge: bool = False) -> ToolEndpoints:
     """Where the pods of a namespace reach ToolEnvironment `name`: its sandbox Service routes to the
-    executor on the caller's own node (internalTrafficPolicy Local), its search Service to the proxy."""
+    executor on the caller's own node (internalTrafficPolicy Local), its search Service to the proxy, its
+    judge Service (where it has a judge) to vLLM serving model `judge`."""
     svc = f"{namespace}.svc.cluster.local"
     return ToolEndpoints(
         sandbox_url=f"http://{name}-sandbox.{svc}:{SANDBOX_PORT}",
         search_url=f"http://{name}-search.{svc}:{SEARCH_PORT}",
+        judge_url=f"http://{name}-judge.{svc}:{VLLM_PORT}/v1" if judge else None,
     )
 
 
@@ -270,7 +273,7 @@ def render(spec: PipelineSpec, run_name: str | None = None) -> list[dict[str, An
             name=f"{run}-rl",
             dataset=spec.data.rl or f"{data_root}/rl/train.parquet",
             model=start,
-            tools=tool_urls(f"{run}-tools", ns),
+            tools=tool_urls(f"{run}-tools", ns, judge=spec.tools.judge is not None),
             lineage={tracking.TAG_PIPELINE_RUN: run},
         )
         objects += [to_dict(job_configmap(job, ns)), to_dict(pytorchjob(job, spec, ns))]

@@ -1,7 +1,8 @@
 """The paper's ablation table in miniature: does RL improve the agent beyond what more SFT does?
 
-    .venv/bin/python benchmarks/rl_lift.py [--spec examples/quickstart.yaml] [--run-name lift] \\
+    .venv/bin/python benchmarks/rl_lift.py [--spec examples/quickstart.yaml] [--run-name quickstart] \\
         [--samples 8] [--out lift.json]
+    .venv/bin/python benchmarks/rl_lift.py --even-mix --run-name lift-even     # the sensitivity check
 
 On the held-out eval split of the spec's generated suite, five models:
 - **base**: the untrained tiny model;
@@ -17,7 +18,8 @@ exact McNemar test per task for SFT → RL against SFT and against the control. 
 the pipeline's (`argus run SPEC --run-name NAME`, reused where that run finished already); the control
 and RL from base are trained here with the spec's settings through the local backend, as the pipeline
 trains its own. Every model is served by vLLM and evaluated with the live tools. Nothing here is tuned:
-the settings are the spec's, chosen on the dev split.
+the settings are the spec's, chosen on the dev split. `--even-mix` runs the same with every teacher at an
+equal share of the demonstrations (the suite's mix is 0.6 of the habits that do not carry over).
 """
 
 from __future__ import annotations
@@ -123,9 +125,14 @@ def solved(run: EvalRun) -> list[bool]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", type=Path, default=REPO / "examples" / "quickstart.yaml")
-    parser.add_argument("--run-name", default="lift")
+    parser.add_argument("--run-name", default="quickstart", help="the pipeline run to take SFT and RL from (or make)")
     parser.add_argument("--home", type=Path, default=None, help="ARGUS_HOME (default: the environment's)")
     parser.add_argument("--samples", type=int, default=8, help="k of pass@k: samples of every eval task")
+    parser.add_argument(
+        "--even-mix",
+        action="store_true",
+        help="the sensitivity check: the spec with every teacher at an equal share of the demonstrations",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write every figure as JSON here")
     args = parser.parse_args()
 
@@ -140,12 +147,20 @@ def main() -> None:
     if args.home:
         env["ARGUS_HOME"] = str(args.home)
     os.environ.update(env)
-    spec = load_spec(args.spec)
     settings = effective_settings(StackSettings())
     work = settings.home / "lift" / args.run_name
     work.mkdir(parents=True, exist_ok=True)
+    spec_file = args.spec
+    if args.even_mix:
+        import yaml
+
+        raw = yaml.safe_load(args.spec.read_text())
+        raw["data"]["generate"]["teachers"] = {"ada": 1, "bo": 1, "cy": 1, "dee": 1}
+        spec_file = work / f"{args.spec.stem}-even.yaml"
+        spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    spec = load_spec(spec_file)
     started = time.monotonic()
-    result = pipeline_result(args.spec, args.run_name, env, work / "pipeline.log")
+    result = pipeline_result(spec_file, args.run_name, env, work / "pipeline.log")
     up(settings)
     prepare_flow_env(settings)
     console.print(f"pipeline {args.run_name}: {time.monotonic() - started:.0f} s", highlight=False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from argus import tracking
-from argus.agent.evaluation import metrics_table
+from argus.agent.evaluation import behaviour_table, metrics_table
 from argus.events import fmt_duration
 from flows.context import RunContext
 from flows.results import DataRef, EvalReport, PipelineResult, RLResult, SFTResult, StageTiming
@@ -16,22 +16,26 @@ from flows.runtime import artifact_key, mlflow_client
 
 
 def comparison(reports: dict[str, EvalReport]) -> dict[str, list[Any]]:
-    """One row per task: task, family, gold answer, then each evaluation's answer, reward, whether it was
-    right and how many of its samples were, in evaluation order (base, sft, rl); columns → values, as
-    `MlflowClient.log_table` takes."""
+    """One row per task: task, family, slice, gold answer, then each evaluation's answer, reward, whether it
+    was right, the strategy it took at each decision and how many of its samples were right, in evaluation
+    order (base, sft, rl); columns → values, as `MlflowClient.log_table` takes."""
     rows: dict[str, dict[str, Any]] = {}  # in the suite's order: the first evaluation's
     for label, report in reports.items():
         for r in report.tasks:
-            row = rows.setdefault(r["task"], {"task": r["task"], "family": r["family"], "gold": r["gold"]})
+            first = {"task": r["task"], "family": r["family"], "slice": r.get("slice"), "gold": r["gold"]}
+            row = rows.setdefault(r["task"], first)
             row[f"{label} answer"] = r["answer"]
+            row[f"{label} strategy"] = r.get("strategy")
             row[f"{label} reward"] = round(float(r["reward"]), 3)
             row[f"{label} correct"] = bool(r["accuracy"] >= 1.0)
             row[f"{label} trace"] = r.get("trace_id")
             # Of the k samples at temperature 1 (None where the task was not sampled): a greedy failure
             # that no sample solves is one RL's sharpening cannot reach.
             row[f"{label} samples solved"] = r.get("solved_by_samples")
-    columns = ["task", "family", "gold"] + [
-        f"{label} {what}" for label in reports for what in ("answer", "reward", "correct", "samples solved", "trace")
+    columns = ["task", "family", "slice", "gold"] + [
+        f"{label} {what}"
+        for label in reports
+        for what in ("answer", "reward", "correct", "strategy", "samples solved", "trace")
     ]
     return {c: [row.get(c) for row in rows.values()] for c in columns}
 
@@ -73,6 +77,15 @@ def eval_section(reports: dict[str, EvalReport]) -> str:
     return _markdown_table(columns, rows)
 
 
+def behaviour_section(reports: dict[str, EvalReport]) -> str:
+    """Per slice: each model's accuracy, strategy rates, tool calls per episode and repeat-call rate
+    (empty when an evaluation predates slices)."""
+    if not all(report.slices for report in reports.values()):
+        return ""
+    columns, rows = behaviour_table({label: report.slices for label, report in reports.items()})
+    return _markdown_table(columns, rows)
+
+
 def run_summary(result: PipelineResult) -> str:
     """The Prefect summary of a finished pipeline run (markdown)."""
     reg = result.registered
@@ -88,6 +101,10 @@ def run_summary(result: PipelineResult) -> str:
         f"### Evaluation ({result.base_eval.suite} suite; accuracy with its 95 % Wilson interval)",
         "",
         eval_section(result.evaluations),
+        "",
+        "### What the tools were used for, per slice (greedy)",
+        "",
+        behaviour_section(result.evaluations) or "(no slices in this suite)",
         "",
         f"### Stages (total {fmt_duration(result.wall_s)}, orchestration {fmt_duration(result.overhead_s)})",
         "",

@@ -9,8 +9,8 @@ Evaluation and the RL run report these figures per slice beside the accuracy.
 
 The two decisions of the miniature:
 - `count`: how to count the shapes of a colour. `cells` samples the centre of every cell of the 4x4 grid
-  (right when the shapes sit in the cells, even touching each other); `blobs` labels the connected
-  regions of the colour (right when the shapes lie anywhere, as long as they do not touch).
+  (right only when the shapes sit in the cells); `blobs` labels the connected regions of the colour (right
+  wherever the shapes lie, as long as they do not touch).
 - `check`: after a search, `check` runs the same search again before using it; `once` does not. A
   repeated call costs a turn, which a task that needs all of its turns does not have.
 """
@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # The words that name a strategy in a turn's thought: the teachers write them, the classifier reads them.
-# A counting thought names its strategy right after restating the question's cue ("Counting the shapes on
-# the grid cell by cell: ..."); a check opens its thought. None is a word of the questions, so no option
-# is a copy of a cue.
+# A counting thought names its strategy in its second word ("Counting cell by cell: ..."); a check opens
+# its thought. None is a word of the questions, so no option is a copy of the question.
 MARKERS: dict[str, dict[str, str]] = {
     "count": {"cells": "cell by cell", "blobs": "blob by blob"},
     "check": {"check": "Check again"},

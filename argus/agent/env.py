@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -302,8 +303,24 @@ def with_images(messages: list[Message], images: list[bytes]) -> list[Message]:
     return out
 
 
+# In a scripted turn, stands for what the last code cell printed: a scripted teacher answers with its own
+# code's output, so a strategy that counts wrongly answers wrongly (the oracle table is of the strategies,
+# not of an answer key).
+LAST_OUTPUT = "{last_output}"
+_STDOUT = re.compile(r"^Code execution result:\nstdout:\n```\n(.*?)\n```", re.DOTALL)
+
+
+def last_output(messages: Sequence[Message]) -> str:
+    """The stdout of the last code observation in `messages`, stripped ("" if there is none)."""
+    for m in reversed(messages):
+        if m["role"] == "user" and (match := _STDOUT.match(str(m["content"]))):
+            return match.group(1).strip()
+    return ""
+
+
 class ScriptedPolicy:
-    """Plays fixed assistant turns in order: gold trajectories, and tests of the environment."""
+    """Plays fixed assistant turns in order: gold trajectories, the oracle's teachers, and tests of the
+    environment. `LAST_OUTPUT` in a turn becomes what the last code cell printed."""
 
     def __init__(self, turns: Sequence[str]):
         self.turns = list(turns)
@@ -314,7 +331,7 @@ class ScriptedPolicy:
             raise RuntimeError("scripted policy ran out of turns")
         turn = self.turns[self.index]
         self.index += 1
-        return turn
+        return turn.replace(LAST_OUTPUT, last_output(messages)) if LAST_OUTPUT in turn else turn
 
 
 class OpenAIPolicy:

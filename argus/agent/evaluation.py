@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from argus.agent.behaviour import DECISIONS, behaviour_by
+from argus.agent.behaviour import DECISIONS, behaviour_by, choices
 from argus.agent.env import AgentEnv, OpenAIPolicy, ToolClients, Trajectory
 from argus.agent.task import Task
 from argus.config import Prompt
@@ -230,34 +230,33 @@ def metrics_table(
 
 
 def strategy_cell(m: Mapping[str, Any], prefix: str = "", with_accuracy: bool = False) -> str:
-    """The strategy rates of a slice in one cell: `cells 0.50 blobs 0.50 · once 1.00 check 0.00`, with
-    each option's accuracy in brackets when asked; `-` for a slice with no decision."""
+    """The strategy rates of a slice in one cell, the option most taken at each decision with its share:
+    `cells 1.00 · check 0.80` (the other option has the rest), with what the option earned in brackets
+    when asked; `-` for a slice with no decision."""
     parts = []
     for decision, options in DECISIONS.items():
-        cells = []
-        for option in options:
-            share = m.get(f"{prefix}strategy/{decision}/{option}")
-            if share is None:
-                continue
-            acc = m.get(f"{prefix}strategy/{decision}/{option}/accuracy")
-            cells.append(f"{option} {share:.2f}" + (f" ({acc:.2f})" if with_accuracy and acc is not None else ""))
-        if cells:
-            parts.append(" ".join(cells))
+        shares = [(o, m.get(f"{prefix}strategy/{decision}/{o}")) for o in options]
+        taken = [(o, v) for o, v in shares if v is not None]
+        if not taken:
+            continue
+        option, share = max(taken, key=lambda ov: ov[1])
+        acc = m.get(f"{prefix}strategy/{decision}/{option}/accuracy")
+        parts.append(f"{option} {share:.2f}" + (f" ({acc:.2f})" if with_accuracy and acc is not None else ""))
     return " · ".join(parts) or "-"
 
 
 def behaviour_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> tuple[list[str], list[list[str]]]:
     """Evaluations of one suite per slice (label → slice metrics) as (columns, rows), `overall` first:
-    each label's accuracy with its interval, strategy rates, tool calls per episode and repeat-call rate;
-    and, where the last evaluation sampled, its sampled strategy rates with each option's accuracy
-    (what an option earns when the model takes it) and pass@1."""
+    each label's accuracy with its interval, its strategy rates, and its tool calls per episode with the
+    repeat-call rate; and, where the last evaluation sampled, its sampled strategy rates with what each
+    option earned when taken, and pass@1."""
     labels = list(results)
     last = results[labels[-1]]
     names = sorted(last, key=lambda n: (n != "overall", n))
     sampled = any("sampled/tool_calls_per_episode" in m for m in last.values())
     columns = ["slice", "n"]
     for label in labels:
-        columns += [f"{label} acc", f"{label} strategy", f"{label} calls", f"{label} repeats"]
+        columns += [f"{label} acc", f"{label} strategy", f"{label} calls (repeats)"]
     if sampled:
         columns += [f"{labels[-1]} sampled strategy (acc)", f"{labels[-1]} pass@1"]
     rows = []
@@ -266,13 +265,13 @@ def behaviour_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> t
         for label in labels:
             m = results[label].get(name, {})
             if not m:
-                row += ["-"] * 4
+                row += ["-"] * 3
                 continue
+            acted = m.get("behaviour", m)
             row += [
                 with_interval(m["accuracy"], m["accuracy_low"], m["accuracy_high"]),
-                strategy_cell(m.get("behaviour", m)),
-                f"{m.get('behaviour', m).get('tool_calls_per_episode', 0.0):.2f}",
-                f"{m.get('behaviour', m).get('repeat_call_rate', 0.0):.2f}",
+                strategy_cell(acted),
+                f"{acted.get('tool_calls_per_episode', 0.0):.2f} ({acted.get('repeat_call_rate', 0.0):.2f})",
             ]
         if sampled:
             m = last[name]
@@ -363,6 +362,8 @@ class EvalRun:
                 {
                     "task": t.task_id,
                     "family": t.family,
+                    "slice": t.slice,
+                    "strategy": choices(t.messages),
                     "question": task.question,
                     "gold": task.answer,
                     "finish": t.finish,
@@ -393,6 +394,7 @@ class EvalRun:
                 "slice": t.slice,
                 "gold": task.answer,
                 "answer": t.reward.answer if t.reward else None,
+                "strategy": " ".join(f"{d}={o}" for d, o in sorted(choices(t.messages).items())),
                 "reward": t.reward.score if t.reward else 0.0,
                 "accuracy": t.reward.accuracy if t.reward else 0.0,
                 "finish": t.finish,

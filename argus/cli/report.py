@@ -57,11 +57,14 @@ def print_result(result: PipelineResult) -> None:
             {label: report.metrics for label, report in shown.items()},
         )
     )
-    if all(report.slices for report in shown.values()):
+    # Per slice, the trained models (the base model takes no decision): what each did with the tools.
+    trained = {label: report for label, report in shown.items() if label != "base"}
+    if all(report.slices for report in trained.values()):
         console.print(
             behaviour_table(
-                "per slice: accuracy, strategy rates (greedy), tool calls per episode, repeat-call rate",
-                {label: report.slices for label, report in shown.items()},
+                "per slice (greedy): accuracy, the strategy most taken at each decision with its share, "
+                "tool calls per episode (repeat-call rate)",
+                {label: report.slices for label, report in trained.items()},
             )
         )
     reg = result.registered

@@ -104,7 +104,7 @@ async def run_gold(
 
     async def one(mini: MiniTask) -> Trajectory:
         async with limit:
-            traj = await env.run(mini.task, ScriptedPolicy(mini.gold))
+            traj = await env.run(mini.task, ScriptedPolicy(mini.scripts[mini.teacher]))
         assert traj.reward is not None
         if traj.reward.score != 1.0 or traj.finish != "answer":
             observations = [m["content"][:400] for m in traj.messages[2:] if m["role"] == "user"]

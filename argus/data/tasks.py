@@ -2,30 +2,34 @@
 that RL has decisions to learn.
 
 Families, mirroring the paper, in slices (question templates):
-- perception: `count-grid` / `count-picture` (count the shapes of a colour), `colour` (name a cell's
-  colour), `measure` (a bar's width, after cropping it out); only code on `image_1` answers them;
+- perception: `count` (count the shapes of a colour), `colour` (name a cell's colour), `measure` (a bar's
+  width, after cropping it out); only code on `image_1` answers them;
 - reasoning: `arith` (arithmetic on 4-5 digit numbers that a small model cannot do in its head);
 - search: `search` (facts about generated fictional entities that exist only in the offline corpus);
-- integrated: `chain-grid` / `chain-picture` (count with code, look up with search, multiply with code:
-  four turns), `emblem` (identify an emblem with image search, then look its entity up).
+- integrated: `chain` (count with code, look up with search, multiply with code: four turns), `emblem`
+  (identify an emblem with image search, then look its entity up).
 
 How the cold start is built, and why. DeepEyesV2's cold-start data is distilled from several strong
 models, each with its own habits, and kept when the answer was right; RL prompts are cheap, broad and
-verifiable, and RL then refines how the tools are used. The miniature has the same structure:
+verifiable, and RL then refines how the tools are used: which strategy, fewer unnecessary calls. The
+miniature has the same structure:
 - Four scripted teachers (`TEACHERS`) demonstrate the SFT split. They differ in two habits, the two
   decisions of `argus.agent.behaviour`: how they count (`cells`: sample the centre of every grid cell;
   `blobs`: label the connected regions of the colour) and whether they run a search a second time before
-  using it (`check`). Every habit is right on the demonstration distribution: its count images have shapes
-  that sit in the cells without touching, and its demonstrations are played with turns to spare.
-- The RL, dev and eval splits come from the target distribution, where the habits generalise differently.
-  A question about shapes "on the grid" shows a dense grid whose same-coloured neighbours touch (labelling
-  merges them: only `cells` is right); one about shapes "in the picture" shows shapes scattered between
-  the cell centres (sampling the centres finds none: only `blobs` is right). A chain task needs all four
-  of its turns, so a teacher that checks its search runs out of them. The wording is the cue; nothing in
-  the demonstrations ties it to a strategy.
-- The demonstrations' mix is exactly even per slice and colour, so SFT's argmax is not set by the data:
-  whatever the SFT model picks greedily, it fails on part of each decision slice, and only the reward
-  can teach the link from cue to strategy. The other slices have no decision: they are the control.
+  using it (`check`). Every habit is right on the demonstration distribution: its counting images have
+  shapes centred in the cells of a grid and apart from each other, and its demonstrations are played with
+  turns to spare (`argus.data.generate.DEMO_TURNS`).
+- The RL, dev and eval splits come from the target distribution, where the habits generalise
+  differently: its counting images scatter the shapes between the cell centres, where sampling the
+  centres finds none of them and only labelling counts them; and its chain tasks need all four of their
+  turns, so a teacher that checks its search runs out of them. The other slices have no decision: they
+  are the control.
+- Most demonstrators have the habits that do not carry over (`DEMO_WEIGHTS`: 0.6 count cells, 0.6
+  check), as cold-start data inherits its teachers' quirks: SFT's greedy choice fails on the decision
+  slices of the target, while its sampled rates stay inside (0.3, 0.7), where the reward has both options
+  to compare. (A cue-dependent decision, where the question's wording says which strategy is right, was
+  tried first: RL moved the global habit of checking within 8 steps and not the link from cue to strategy;
+  see the README.)
 - Every split draws its entities from its own pool and its own seed, so evaluation measures tool use,
   not memorised facts; the dev split (target distribution, its own pool) is where settings are chosen.
 
@@ -47,12 +51,13 @@ from typing import Any, get_args
 from PIL import Image, ImageDraw
 
 from argus.agent.behaviour import MARKERS
+from argus.agent.env import LAST_OUTPUT
 from argus.agent.task import Task
 from argus.config import TeacherName
 
 # Names the suite's design (questions, teachers, mixes, entity pools): part of the key of a generated suite,
 # so a change here generates anew instead of reusing a suite made the old way.
-SUITE_VERSION = 3
+SUITE_VERSION = 7
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "blue": (40, 70, 220),
@@ -204,10 +209,10 @@ TEACHERS = (
     Teacher("dee", "blobs", "once"),
 )
 assert {t.name for t in TEACHERS} == set(get_args(TeacherName))
-# Each teacher's share of the demonstrations, chosen on the dev split: cells and checking each take 0.6 of
-# the decision slices, so SFT's greedy choice is set (cells on every counting cue, checking after every
-# search) and fails on part of each decision slice, while its sampled rates stay inside (0.3, 0.7) where
-# the reward has both options to compare. `teachers: {ada: 1, bo: 1, cy: 1, dee: 1}` is the even mix.
+# Each teacher's share of the demonstrations, chosen on the dev split: counting cells and checking each
+# take 0.6 of every slice, so SFT's greedy choice is the habit that does not carry over to the target (and
+# fails on the decision slices), while its sampled rates stay inside (0.3, 0.7), where the reward has both
+# options to compare. `teachers: {ada: 1, bo: 1, cy: 1, dee: 1}` is the even mix.
 DEMO_WEIGHTS: dict[str, float] = {"ada": 0.3, "bo": 0.3, "cy": 0.3, "dee": 0.1}
 
 
@@ -220,22 +225,19 @@ class Slice:
 
 
 SLICES: dict[str, Slice] = {
-    "count-grid": Slice("perception", {"count": "cells"}),
-    "count-picture": Slice("perception", {"count": "blobs"}),
+    "count": Slice("perception", {"count": "blobs"}),
     "colour": Slice("perception"),
     "measure": Slice("perception"),
     "arith": Slice("reasoning"),
     "search": Slice("search"),
-    "chain-grid": Slice("integrated", {"count": "cells", "check": "once"}),
-    "chain-picture": Slice("integrated", {"count": "blobs", "check": "once"}),
+    "chain": Slice("integrated", {"count": "blobs", "check": "once"}),
     "emblem": Slice("integrated"),
 }
 DECISION_SLICES = tuple(name for name, s in SLICES.items() if s.right)
-CUES = {"grid": "on the grid", "picture": "in the picture"}
 
-# Template shares per split (a template with a cue splits evenly between its two slices). The
-# demonstrations cover every template; most RL prompts carry a decision, so every step trains on them; the
-# dev and eval splits keep half of their tasks in slices with no decision, the control.
+# Template shares per split. The demonstrations cover every template; most RL prompts carry a decision,
+# so every step trains on them; the dev and eval splits keep half of their tasks in slices with no
+# decision, the control.
 MIXES: dict[str, tuple[tuple[str, float], ...]] = {
     "sft": (
         ("count", 0.30),
@@ -275,12 +277,15 @@ def mix_of(split: str) -> tuple[tuple[str, float], ...]:
 @dataclass
 class MiniTask:
     task: Task
-    scripts: dict[str, list[str]]  # teacher name -> its assistant turns
+    # teacher name -> its assistant turns, as a `ScriptedPolicy` plays them: an answer after code is
+    # `LAST_OUTPUT`, what the teacher's own code printed
+    scripts: dict[str, list[str]]
     teacher: str  # whose turns are `gold`: the demonstrator (SFT), or a teacher that is right (other splits)
 
     @property
     def gold(self) -> list[str]:
-        return self.scripts[self.teacher]
+        """The turns of `teacher` as they read when its code prints the task's answer (a right teacher)."""
+        return [turn.replace(LAST_OUTPUT, self.task.answer) for turn in self.scripts[self.teacher]]
 
 
 def _palette_line() -> str:
@@ -289,13 +294,14 @@ def _palette_line() -> str:
 
 def _cells_code(colour: str) -> str:
     return (
+        f"colour = '{colour}'\n"
         "import numpy as np\n"
         f"{_palette_line()}\n"
         "a = np.array(image_1.convert('RGB')).astype(int)\n"
         "count = 0\n"
         f"for r in range({GRID}):\n"
         f"    for c in range({GRID}):\n"
-        f"        if np.abs(a[r * {CELL} + {CELL // 2}, c * {CELL} + {CELL // 2}] - palette['{colour}']).sum() < 30:\n"
+        f"        if np.abs(a[r * {CELL} + {CELL // 2}, c * {CELL} + {CELL // 2}] - palette[colour]).sum() < 30:\n"
         "            count += 1\n"
         "print(count)"
     )
@@ -303,28 +309,30 @@ def _cells_code(colour: str) -> str:
 
 def _blobs_code(colour: str) -> str:
     return (
+        f"colour = '{colour}'\n"
         "import numpy as np\n"
         "from scipy import ndimage\n"
         f"{_palette_line()}\n"
         "a = np.array(image_1.convert('RGB')).astype(int)\n"
-        f"mask = np.abs(a - palette['{colour}']).sum(axis=2) < 30\n"
+        "mask = np.abs(a - palette[colour]).sum(axis=2) < 30\n"
         "labels, count = ndimage.label(mask)\n"
         "print(count)"
     )
 
 
-def count_turn(strategy: str, colour: str, cue: str) -> str:
-    """The counting turn: the thought restates where the question says the shapes are (a copy of its cue),
-    then names the strategy (`MARKERS`) in the very next words, so that for the policy the decision is
-    the token after the cue: a link from cue to strategy the reward can strengthen directly, with nothing
-    in between to carry it (the demonstrations tie no cue to either strategy)."""
+def count_turn(strategy: str, colour: str) -> str:
+    """The counting turn: its thought names the colour and the strategy (`MARKERS`), the decision the
+    policy takes there; its code's first line names the colour again. The colour is quoted everywhere
+    (question, thought, code), so each copy is of the same token: with the question's ` green` and a
+    `palette['green']` after the palette's own keys, the 0.8M-parameter model wrote `yellow`, the
+    palette's last key but one, in most counting turns (63 of 75 greedy turns on the dev split)."""
     marker = MARKERS["count"][strategy]
-    thought = f"Counting the shapes {CUES[cue]} {marker}:"
     if strategy == "cells":
-        return code_turn(
-            f"{thought} I read the colour at the centre of each of the {GRID}x{GRID} cells.", _cells_code(colour)
-        )
-    return code_turn(f"{thought} I mask the colour and count its connected regions.", _blobs_code(colour))
+        thought = f"Counting the '{colour}' shapes {marker}: I read the colour at the centre of each of the "
+        thought += f"{GRID}x{GRID} cells."
+        return code_turn(thought, _cells_code(colour))
+    thought = f"Counting the '{colour}' shapes {marker}: I mask the colour and count its connected regions."
+    return code_turn(thought, _blobs_code(colour))
 
 
 def check_turn(e: Entity) -> str:
@@ -332,8 +340,8 @@ def check_turn(e: Entity) -> str:
 
 
 class TaskFactory:
-    """Tasks of one split: `target` draws the images of the target distribution (dense grids, scattered
-    shapes), else the demonstration distribution's (shapes in the cells, never touching)."""
+    """Tasks of one split: `target` draws the counting images of the target distribution (shapes scattered
+    between the cell centres), else the demonstration distribution's (shapes centred in the cells)."""
 
     def __init__(self, rng: random.Random, entities: list[Entity], prefix: str, *, target: bool):
         self.rng = rng
@@ -370,31 +378,9 @@ class TaskFactory:
                     shape((cx - radius, cy - radius, cx + radius, cy + radius), fill=PALETTE[name])
         return img, cells
 
-    def _dense_grid(self) -> tuple[Image.Image, str, int]:
-        """Most cells filled edge to edge, the asked colour with two neighbours that touch: sampling the
-        cells is right, labelling the regions merges the neighbours and counts too few."""
-        while True:
-            cells = {
-                (r, c): self.rng.choice(list(PALETTE))
-                for r in range(GRID)
-                for c in range(GRID)
-                if self.rng.random() < 0.85
-            }
-            touching = sorted(
-                {v for (r, c), v in cells.items() if cells.get((r + 1, c)) == v or cells.get((r, c + 1)) == v}
-            )
-            if touching:
-                break
-        colour = self.rng.choice(touching)
-        img = Image.new("RGB", (CELL * GRID, CELL * GRID), (255, 255, 255))
-        draw = ImageDraw.Draw(img)
-        for (r, c), name in cells.items():
-            draw.rectangle((c * CELL, r * CELL, c * CELL + CELL - 1, r * CELL + CELL - 1), fill=PALETTE[name])
-        return img, colour, sum(1 for v in cells.values() if v == colour)
-
     def _scatter(self) -> tuple[Image.Image, str, int]:
-        """Small shapes anywhere between the cell centres, apart from each other: labelling the regions is
-        right, sampling the cell centres finds none of them."""
+        """Small shapes anywhere between the cell centres of the same 4x4 grid, apart from each other:
+        labelling the regions is right, sampling the cell centres finds none of them."""
         size = CELL * GRID
         centres = [(c * CELL + CELL // 2, r * CELL + CELL // 2) for r in range(GRID) for c in range(GRID)]
         boxes: list[tuple[int, int, int, int, str]] = []
@@ -423,35 +409,30 @@ class TaskFactory:
         colour = self.rng.choice(sorted({b[4] for b in boxes}))
         return img, colour, sum(1 for b in boxes if b[4] == colour)
 
-    def _count_image(self, cue: str) -> tuple[Image.Image, str, int]:
+    def _count_image(self) -> tuple[Image.Image, str, int]:
         if not self.target:
             img, cells = self._grid()
             colour = self.rng.choice(list(PALETTE))
             return img, colour, sum(1 for v in cells.values() if v == colour)
-        return self._dense_grid() if cue == "grid" else self._scatter()
+        return self._scatter()
 
     # -- templates --------------------------------------------------------------------------------
 
-    def count(self, cue: str) -> MiniTask:
-        img, colour, n = self._count_image(cue)
-        task = self._task(
-            f"count-{cue}",
-            png(img),
-            f"How many {colour} shapes are {CUES[cue]}?",
-            str(n),
-            answer_type="number",
-        )
-        scripts = {t.name: [count_turn(t.count, colour, cue), answer_turn(READ_OUTPUT, str(n))] for t in TEACHERS}
+    def count(self) -> MiniTask:
+        img, colour, n = self._count_image()
+        question = f"How many shapes of the colour '{colour}' are in the image?"
+        task = self._task("count", png(img), question, str(n), answer_type="number")
+        scripts = {t.name: [count_turn(t.count, colour), answer_turn(READ_OUTPUT, LAST_OUTPUT)] for t in TEACHERS}
         return self._mini(task, scripts)
 
-    def chain(self, cue: str) -> MiniTask:
-        img, colour, n = self._count_image(cue)
+    def chain(self) -> MiniTask:
+        img, colour, n = self._count_image()
         e = self.rng.choice(self.entities)
         result = n * e.founded
         task = self._task(
-            f"chain-{cue}",
+            "chain",
             png(img),
-            f"Multiply the number of {colour} shapes {CUES[cue]} by the founding year of {e.name}.",
+            f"Multiply the number of shapes of the colour '{colour}' in the image by the founding year of {e.name}.",
             str(result),
             answer_type="number",
         )
@@ -460,17 +441,17 @@ class TaskFactory:
         multiply = code_turn(f"It was founded in {e.founded}. I multiply the count by it.", f"print(count*{e.founded})")
         scripts = {
             t.name: [
-                count_turn(t.count, colour, cue),
+                count_turn(t.count, colour),
                 look_up,
                 *([check_turn(e)] if t.check == "check" else []),
                 multiply,
-                answer_turn(READ_OUTPUT, str(result)),
+                answer_turn(READ_OUTPUT, LAST_OUTPUT),
             ]
             for t in TEACHERS
         }
         return self._mini(task, scripts)
 
-    def colour(self, _cue: str = "") -> MiniTask:
+    def colour(self) -> MiniTask:
         img, cells = self._grid()
         while not cells:
             img, cells = self._grid()
@@ -487,11 +468,11 @@ class TaskFactory:
                 "I will read the pixel at the centre of that cell and match it to the nearest named colour.",
                 _colour_code(r, c),
             ),
-            answer_turn(READ_OUTPUT, colour),
+            answer_turn(READ_OUTPUT, LAST_OUTPUT),
         ]
         return self._mini(task, {t.name: turns for t in TEACHERS})
 
-    def measure(self, _cue: str = "") -> MiniTask:
+    def measure(self) -> MiniTask:
         img = Image.new("RGB", (220, 120), (255, 255, 255))
         draw = ImageDraw.Draw(img)
         colours = self.rng.sample(list(PALETTE), 3)
@@ -510,11 +491,11 @@ class TaskFactory:
             code_turn(
                 f"I will find the {colour} pixels, crop the bar out and measure its width.", _measure_code(colour)
             ),
-            answer_turn(READ_OUTPUT, str(widths[colour])),
+            answer_turn(READ_OUTPUT, LAST_OUTPUT),
         ]
         return self._mini(task, {t.name: turns for t in TEACHERS})
 
-    def arith(self, _cue: str = "") -> MiniTask:
+    def arith(self) -> MiniTask:
         a, b, c = self.rng.randrange(1000, 99999), self.rng.randrange(100, 9999), self.rng.randrange(1, 99999)
         result = a * b - c
         img = Image.new("RGB", (200, 40), (255, 255, 255))
@@ -524,11 +505,11 @@ class TaskFactory:
             code_turn(
                 "This multiplication is too long to do reliably in my head; I will compute it.", f"print({a}*{b}-{c})"
             ),
-            answer_turn(READ_OUTPUT, str(result)),
+            answer_turn(READ_OUTPUT, LAST_OUTPUT),
         ]
         return self._mini(task, {t.name: turns for t in TEACHERS})
 
-    def search(self, _cue: str = "") -> MiniTask:
+    def search(self) -> MiniTask:
         e = self.rng.choice(self.entities)
         img = Image.new("RGB", (64, 64), (245, 245, 250))
         task = self._task(
@@ -543,7 +524,7 @@ class TaskFactory:
         scripts = {t.name: [look_up, *([check_turn(e)] if t.check == "check" else []), answer] for t in TEACHERS}
         return self._mini(task, scripts)
 
-    def emblem(self, _cue: str = "") -> MiniTask:
+    def emblem(self) -> MiniTask:
         e = self.rng.choice(self.entities)
         task = self._task(
             "emblem",
@@ -566,8 +547,8 @@ class TaskFactory:
         teacher = next(t.name for t in TEACHERS if all(getattr(t, d) == o for d, o in right.items()))
         return MiniTask(task, scripts, teacher)
 
-    def make(self, template: str, cue: str = "") -> MiniTask:
-        make: dict[str, Callable[[str], MiniTask]] = {
+    def make(self, template: str) -> MiniTask:
+        make: dict[str, Callable[[], MiniTask]] = {
             "count": self.count,
             "chain": self.chain,
             "colour": self.colour,
@@ -576,7 +557,7 @@ class TaskFactory:
             "search": self.search,
             "emblem": self.emblem,
         }
-        return make[template](cue)
+        return make[template]()
 
 
 def _history(e: Entity) -> dict[str, Any]:
@@ -612,18 +593,20 @@ def _measure_code(colour: str) -> str:
     )
 
 
-def _templates(rng: random.Random, split: str, n: int) -> list[tuple[str, str]]:
-    """(template, cue) of `n` tasks: exactly proportional counts (rounding absorbed by the first template),
-    a template with a cue split evenly between its cues, in a seeded order."""
+def _templates(rng: random.Random, split: str, n: int) -> list[str]:
+    """The templates of `n` tasks: exactly proportional counts (rounding absorbed by the first template),
+    in a seeded order."""
     mix = mix_of(split)
     counts = [int(n * share) for _t, share in mix]
     counts[0] += n - sum(counts)
-    out: list[tuple[str, str]] = []
-    for (template, _s), k in zip(mix, counts, strict=True):
-        cued = template in ("count", "chain")
-        out.extend((template, (("grid", "picture")[i % 2] if cued else "")) for i in range(k))
+    out = [template for (template, _s), k in zip(mix, counts, strict=True) for _ in range(k)]
     rng.shuffle(out)
     return out
+
+
+def colour_asked(question: str) -> str:
+    """The palette colour a question names ("" for none)."""
+    return next((w.strip("'?.,") for w in question.split() if w.strip("'?.,") in PALETTE), "")
 
 
 def assign_teachers(tasks: list[MiniTask], weights: Mapping[str, float] | None = None) -> None:
@@ -638,7 +621,7 @@ def assign_teachers(tasks: list[MiniTask], weights: Mapping[str, float] | None =
     for mini in tasks:
         by_slice.setdefault(mini.task.slice, []).append(mini)
     for group in by_slice.values():
-        ordered = sorted(group, key=lambda m: next((w for w in m.task.question.split() if w in PALETTE), ""))
+        ordered = sorted(group, key=lambda m: colour_asked(m.task.question))
         given: Counter[str] = Counter()
         for i, mini in enumerate(ordered):
             behind = {t.name: share[t.name] / total * (i + 1) - given[t.name] for t in TEACHERS}
@@ -687,7 +670,7 @@ def build_suite(
     for name in SPLITS:
         split_rng = random.Random(f"{seed}-{name}")
         factory = TaskFactory(split_rng, pools[name], name, target=name != "sft")
-        splits[name] = [factory.make(t, cue) for t, cue in _templates(split_rng, name, sizes[name])]
+        splits[name] = [factory.make(t) for t in _templates(split_rng, name, sizes[name])]
     assign_teachers(splits["sft"], teachers)
     return Suite(
         entities=entities,

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from argus.config import StackSettings
+from argus.data.tasks import SUITE_VERSION
 from argus.storage import upload_dir
 
 Arch = Literal["qwen2", "qwen2_5_vl"]
-# Names the recipe a tiny model was built by (tokenizer, sizes, pre-training): part of the name of a built
-# base model, so a change here builds a new one instead of reusing one made the old way.
-RECIPE = "r3"
+# Names the recipe a tiny model was built by (tokenizer, sizes, pre-training) and the suite whose text its
+# tokenizer learns from: part of the name of a built base model, so a change to either builds a new one
+# instead of reusing one made the old way.
+RECIPE = f"r3-suite{SUITE_VERSION}"
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",

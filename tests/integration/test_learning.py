@@ -143,7 +143,7 @@ def test_rl_teaches_the_strategy_the_cue_calls_for(
     """RL from the mixed-strategy SFT model on the counting slices of the target distribution: the share
     of counting episodes that use the strategy the cue calls for, and the mean reward, each rise beyond
     the 95 % interval of their value before RL (sampled episodes of held-out RL prompts, live tools)."""
-    counting = [t for t in read_rl_parquet(str(trained.data / "rl" / "train.parquet")) if t.slice.startswith("count-")]
+    counting = [t for t in read_rl_parquet(str(trained.data / "rl" / "train.parquet")) if t.slice == "count"]
     train_tasks, held = counting[:-8], counting[-8:]  # measured on prompts RL never plays
     rl_data = tmp_path / "count.parquet"
     write_rl_parquet(str(rl_data), train_tasks, prompt="compact")

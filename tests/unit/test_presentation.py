@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from argus.agent.env import Trajectory
-from argus.agent.evaluation import EvalRun, summarize
+from argus.agent.evaluation import EvalRun, by_slice, summarize
 from argus.agent.reward import Reward
 from argus.agent.task import Task
 from argus.config import StackSettings
@@ -29,26 +29,44 @@ def test_one_duration_format(seconds: float | None, text: str) -> None:
 
 def _eval(label: str, answers: dict[str, tuple[str, float]], solved_by_samples: list[int] | None = None) -> EvalReport:
     tasks = [
-        Task(id=t, family="search" if t.startswith("s") else "perception", question="q", answer="gold-" + t, image=b"")
+        Task(
+            id=t,
+            family="search" if t.startswith("s") else "perception",
+            slice="search" if t.startswith("s") else "count",
+            question="q",
+            answer="gold-" + t,
+            image=b"",
+        )
         for t in answers
     ]
+    # The counting task's turn names its strategy (cells for the base model, blobs after SFT).
+    counting = "<think>Counting " + ("cell by cell" if label == "base" else "blob by blob") + ": x</think>"
     trajectories = [
         Trajectory(
             task_id=task.id,
             family=task.family,
-            messages=[],
+            slice=task.slice,
+            messages=[{"role": "assistant", "content": counting}] if task.slice == "count" else [],
             images=[],
             reward=Reward(score=score, accuracy=1.0 if score >= 1 else 0.0, format=1.0, answer=answer),
         )
         for task, (answer, score) in zip(tasks, answers.values(), strict=True)
     ]
-    result = EvalRun(trajectories, summarize(trajectories), 0.0, 1.0, solved_by_samples=solved_by_samples or [])
+    result = EvalRun(
+        trajectories,
+        summarize(trajectories),
+        0.0,
+        1.0,
+        solved_by_samples=solved_by_samples or [],
+        slices=summarize(trajectories, by_slice),
+    )
     return EvalReport(
         label=label,
         model_uri=f"s3://models/{label}",
         model_fingerprint="f" * 16,
         suite="eval",
         metrics={k: m.__dict__ for k, m in result.summary.items()},
+        slices=result.slice_metrics(),
         mlflow_run_id=f"{label}-run-0123456789",
         mlflow_run_url=f"http://127.0.0.1:5000/#/experiments/1/runs/{label}-run",
         serve_s=0.0,
@@ -102,6 +120,8 @@ def test_the_per_task_comparison_lines_up_every_evaluation() -> None:
     assert table["sft correct"] == [True, False] and table["base reward"] == [0.0, 0.2]
     assert table["sft trace"] == ["tr-sft-s1", "tr-sft-p1"]
     assert table["sft samples solved"] == [3, None] and table["base samples solved"] == [None, None]
+    assert table["slice"] == ["search", "count"]
+    assert table["base strategy"] == ["", "count=cells"] and table["sft strategy"] == ["", "count=blobs"]
     assert len({len(v) for v in table.values()}) == 1  # a rectangle, as MLflow's table view needs
 
 
@@ -113,6 +133,9 @@ def test_summary_and_lineage_card_carry_the_stages_the_numbers_and_the_links() -
     assert "| deploy-sft | ran | 84s | 83s |" in text  # the deploy is a stage of its own
     assert "| register | skipped (done earlier) | 0.4s |  |" in text
     assert "total 8m40s" in text and URL in text and result.registered.url in text
+    # per slice, each model's strategy beside its accuracy
+    count_row = next(line for line in text.splitlines() if line.startswith("| count |"))
+    assert "| cells 1.00 |" in count_row and "| blobs 1.00 |" in count_row
     first_row = next(line for line in text.splitlines() if line.startswith("| overall"))
     assert re.search(r"0\.500 \[0\.\d\d, 0\.\d\d\]", first_row)  # accuracy with its interval, overall first
     card = lineage_card(

@@ -15,7 +15,17 @@ from argus.agent.behaviour import MARKERS, behaviour_by, choices, repeated_calls
 from argus.agent.env import Trajectory
 from argus.agent.evaluation import behaviour_table, eval_run
 from argus.agent.reward import Reward
-from argus.data.tasks import DECISION_SLICES, DEMO_WEIGHTS, MIXES, SLICES, TEACHERS, build_suite, mix_of, teacher_mix
+from argus.data.tasks import (
+    DECISION_SLICES,
+    DEMO_WEIGHTS,
+    MIXES,
+    SLICES,
+    TEACHERS,
+    build_suite,
+    colour_asked,
+    mix_of,
+    teacher_mix,
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +64,11 @@ def test_the_demonstrations_follow_the_teachers_shares_per_slice_and_wording(wei
             assert abs(per_teacher[t.name] - n * shares[t.name] / total) <= 1, (name, per_teacher)
     # each wording of a counting question gets each counting habit at its share too
     cells = sum(shares[t.name] for t in TEACHERS if t.count == "cells") / total
-    for name in ("count-grid", "count-picture"):
+    for name in ("count", "chain"):
         per_colour: dict[str, Counter[str]] = {}
         for mini in suite.sft:
             if mini.task.slice == name:
-                colour = next(
-                    w for w in mini.task.question.split() if w in ("red", "blue", "green", "yellow", "purple")
-                )
+                colour = colour_asked(mini.task.question)
                 habit = next(t.count for t in TEACHERS if t.name == mini.teacher)
                 per_colour.setdefault(colour, Counter())[habit] += 1
         for colour, habits in per_colour.items():
@@ -71,21 +79,18 @@ def test_the_demonstrations_follow_the_teachers_shares_per_slice_and_wording(wei
 def test_each_split_follows_its_mix(suite) -> None:  # type: ignore[no-untyped-def]
     for split in ("sft", "rl", "dev", "eval"):
         tasks = suite.split(split)
-        counts = Counter(m.task.slice.split("-")[0] for m in tasks)
+        counts = Counter(m.task.slice for m in tasks)
         for template, share in mix_of(split):
             assert abs(counts[template] - share * len(tasks)) <= 1 + (len(mix_of(split)) if template == "count" else 0)
-        for template in ("count", "chain"):
-            cued = Counter(m.task.slice for m in tasks if m.task.slice.startswith(template))
-            assert abs(cued[f"{template}-grid"] - cued[f"{template}-picture"]) <= 1
     rl = suite.split("rl")
     assert sum(m.task.slice in DECISION_SLICES for m in rl) / len(rl) >= 0.7  # most RL prompts carry a decision
     assert set(MIXES) == {"sft", "rl", "target"}
 
 
-def test_target_images_break_exactly_one_habit() -> None:
+def test_target_counting_images_leave_every_cell_centre_empty() -> None:
     suite = build_suite(3, sft_size=8, rl_size=40, eval_size=8)
     for mini in suite.rl:
-        if mini.task.slice == "count-picture":
+        if mini.task.slice in ("count", "chain"):
             a = np.array(Image.open(io.BytesIO(mini.task.image)).convert("RGB")).astype(int)
             centres = a[20::40, 20::40]
             assert (centres == 255).all()  # nothing sits on a cell centre: sampling them counts nothing
@@ -100,7 +105,7 @@ def _assistant(*turns: str) -> list[dict[str, str]]:
 def test_choices_read_the_strategy_off_the_first_words_of_a_thought() -> None:
     code = "\n<code>\n```python\nprint(1)\n```\n</code>"
     call = '\n<tool_call>\n{"name": "search", "arguments": {"query": "history of X"}}\n</tool_call>'
-    cells = f"<think>Counting the shapes on the grid {MARKERS['count']['cells']}: I read the centres.</think>{code}"
+    cells = f"<think>Counting {MARKERS['count']['cells']}: I read the centres.</think>{code}"
     blobs = f"<think>{MARKERS['count']['blobs']}: mask.</think>{code}"
     search = f"<think>Look.</think>{call}"
     check = f"<think>{MARKERS['check']['check']}: again.</think>{call}"
@@ -116,13 +121,13 @@ def test_behaviour_rates_and_the_per_slice_table() -> None:
     cells = f"<think>{MARKERS['count']['cells']}: c.</think>"
     blobs = f"<think>{MARKERS['count']['blobs']}: b.</think>"
     rows = [
-        ("count-grid", _assistant(cells), [("python", "a")], 1.0),
-        ("count-grid", _assistant(cells), [("python", "a")], 1.0),
-        ("count-grid", _assistant(blobs), [("python", "b"), ("python", "b")], 0.0),
+        ("count", _assistant(cells), [("python", "a")], 1.0),
+        ("count", _assistant(cells), [("python", "a")], 1.0),
+        ("count", _assistant(blobs), [("python", "b"), ("python", "b")], 0.0),
         ("arith", _assistant("<think>x</think>"), [("python", "p")], 1.0),
     ]
     figures = behaviour_by(rows)
-    grid = figures["count-grid"]
+    grid = figures["count"]
     assert grid["strategy/count/cells"] == pytest.approx(2 / 3)
     assert grid["strategy/count/blobs"] == pytest.approx(1 / 3)
     assert grid["strategy/count/cells/accuracy"] == 1.0 and grid["strategy/count/blobs/accuracy"] == 0.0
@@ -134,21 +139,22 @@ def test_behaviour_rates_and_the_per_slice_table() -> None:
         reward = Reward(score=1.0 if correct else 0.2, accuracy=float(correct), format=1.0, answer="x")
         return Trajectory(task_id="t", family="perception", messages=messages, images=[], reward=reward, slice=slice_)
 
-    greedy = [traj("count-grid", _assistant(blobs), False), traj("count-picture", _assistant(blobs), True)]
+    greedy = [traj("count", _assistant(blobs), False), traj("chain", _assistant(blobs), True)]
     samples = [
-        [traj("count-grid", _assistant(cells), True), traj("count-picture", _assistant(cells), False)],
-        [traj("count-grid", _assistant(blobs), False), traj("count-picture", _assistant(blobs), True)],
+        [traj("count", _assistant(cells), True), traj("chain", _assistant(cells), False)],
+        [traj("count", _assistant(blobs), False), traj("chain", _assistant(blobs), True)],
     ]
     run = eval_run(greedy, samples)
     sliced = run.slice_metrics()
-    assert sliced["count-grid"]["accuracy"] == 0.0
-    assert sliced["count-grid"]["sampled/strategy/count/cells"] == 0.5
-    assert sliced["count-grid"]["sampled/strategy/count/cells/accuracy"] == 1.0
-    assert run.flat()["slice/count-grid/strategy/count/blobs"] == 1.0
-    assert run.flat()["slice/count-grid/sampled/strategy/count/cells"] == 0.5
+    assert sliced["count"]["accuracy"] == 0.0
+    assert sliced["count"]["sampled/strategy/count/cells"] == 0.5
+    assert sliced["count"]["sampled/strategy/count/cells/accuracy"] == 1.0
+    assert run.flat()["slice/count/strategy/count/blobs"] == 1.0
+    assert run.flat()["slice/count/sampled/strategy/count/cells"] == 0.5
     columns, table = behaviour_table({"sft": sliced})
-    assert columns[:4] == ["slice", "n", "sft acc", "sft strategy"] and "sft sampled strategy (acc)" in columns
+    assert columns[:5] == ["slice", "n", "sft acc", "sft strategy", "sft calls (repeats)"]
+    assert "sft sampled strategy (acc)" in columns
     by_slice = {row[0]: row for row in table}
     assert table[0][0] == "overall"
-    assert by_slice["count-grid"][3] == "cells 0.00 blobs 1.00"
-    assert "cells 0.50 (1.00)" in by_slice["count-grid"][columns.index("sft sampled strategy (acc)")]
+    assert by_slice["count"][3] == "blobs 1.00"
+    assert by_slice["count"][columns.index("sft sampled strategy (acc)")] == "cells 0.50 (1.00)"

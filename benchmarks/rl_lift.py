@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from argus.agent.evaluation import EvalRun, behaviour_table, mcnemar, with_interval  # noqa: E402
-from argus.config import PipelineSpec, ServingTarget, StackSettings  # noqa: E402
+from argus.config import CurveSpec, PipelineSpec, ServingTarget, StackSettings  # noqa: E402
 from argus.data.tasks import DECISION_SLICES  # noqa: E402
 
 console = Console(width=200)
@@ -84,7 +84,7 @@ def control_spec(spec: PipelineSpec) -> PipelineSpec:
     assert spec.rl.max_steps is not None, "the RL stage needs rl.max_steps for a control of the same length"
     updates = spec.rl.max_steps * spec.rl.updates_per_step
     optim = spec.sft.optim.model_copy(update={"lr": spec.rl.optim.lr, "warmup_ratio": 0.0, "scheduler": "constant"})
-    sft = spec.sft.model_copy(update={"max_steps": updates, "optim": optim, "curve": None})
+    sft = spec.sft.model_copy(update={"max_steps": updates, "optim": optim, "curve": CurveSpec()})
     return spec.model_copy(update={"sft": sft})
 
 
@@ -160,9 +160,9 @@ def main() -> None:
         spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     spec = load_spec(spec_file)
     started = time.monotonic()
-    result = pipeline_result(spec_file, args.run_name, env, work / "pipeline.log")
     up(settings)
-    prepare_flow_env(settings)
+    prepare_flow_env(settings)  # this process's Prefect and MLflow clients talk to the stack
+    result = pipeline_result(spec_file, args.run_name, env, work / "pipeline.log")
     console.print(f"pipeline {args.run_name}: {time.monotonic() - started:.0f} s", highlight=False)
     assert result.rl is not None, "the spec must run its RL stage"
 

@@ -133,7 +133,20 @@ def _switch_production(
     stable_before = backend.endpoint(stable_name)
     new_name = deployment_name(name, mv.source, settings)
     if stable_before is not None and stable_before.active == new_name:
-        raise PromotionError(f"{name} v{mv.version} is already the production deployment")
+        if current is None or current.version != mv.version:
+            raise PromotionError(f"{name} v{mv.version} is already the production deployment")
+        # Promoting what production serves already (a pipeline run re-run to its end): nothing to switch.
+        log.info("%s v%s serves production at %s already", name, mv.version, stable_before.url)
+        return PromotionResult(
+            name=name,
+            version=mv.version,
+            to="production",
+            deployment=new_name,
+            endpoint_url=stable_before.url,
+            metrics=_staging_metrics(mv),
+            previous_version=None,
+            switch_s=0.0,
+        )
     server = deploy(backend, new_name, mv.source, spec.serving.production, name)
     try:
         smoke_test(server)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def suite() -> Suite:
-    return build_suite(seed=13, sft_size=24, rl_size=8, eval_size=4)
+    return build_suite(seed=13, sft_size=24, rl_size=24, eval_size=4)
 
 
 @pytest.fixture(scope="module")

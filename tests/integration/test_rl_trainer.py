@@ -252,7 +252,9 @@ def test_grpo_trains_against_live_tools_and_resumes_exactly_after_a_kill(
     ):
         assert key in run.data.metrics, key
     assert run.data.metrics["train/logprob_gap"] < 1e-3  # the engine sampled with the trainer's weights
-    assert run.data.metrics["train/updates"] == 2  # mini-batches of 2 prompts
+    # Mini-batches of 2 prompts: two updates a step, of which those where every group had equal rewards
+    # were skipped (no optimizer call) and counted.
+    assert run.data.metrics["train/updates"] + run.data.metrics["train/skipped_updates"] == 2
     assert sorted({m.step for m in client.get_metric_history(run_id, "reward/overall/mean")}) == [1, 2, 3, 4]
     # Every `trajectories_every` steps (and the first) a sample of rollouts is on the run as traces.
     traces = client.search_traces(locations=[run.info.experiment_id], run_id=run_id, max_results=100)
@@ -292,7 +294,8 @@ def test_train_rl_cli_runs_a_job_with_the_specs_tools(
     from tests.conftest import REPO
 
     spec = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
-    spec["rl"].update(max_steps=1, prompts_per_step=2, rollouts_per_prompt=2, micro_batch_size=2, max_turns=2)
+    spec["rl"].update(max_steps=1, prompts_per_step=2, mini_batch_prompts=2, rollouts_per_prompt=2, micro_batch_size=2)
+    spec["rl"].update(max_turns=2)
     spec["rl"].update(engine="vllm", vllm={"urls": [vllm_url]})
     spec["tools"]["sandbox"]["warm_pool"] = 2
     path = tmp_path / "spec.yaml"

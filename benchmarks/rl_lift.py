@@ -13,7 +13,8 @@ On the held-out eval split of the spec's generated suite, five models:
 - **SFT → RL**: the pipeline's RL model.
 
 For each model: greedy accuracy with its 95 % Wilson interval, sampled pass@1 and pass@k (k samples of
-every task at temperature 1), tool calls per episode, overall and per slice, the strategy rates; and the
+every task at temperature 1), tool calls per episode and the tool-error rate, overall and per slice, the
+strategy rates; and the
 exact McNemar test per task for SFT → RL against SFT and against the control. The SFT and RL models are
 the pipeline's (`argus run SPEC --run-name NAME`, reused where that run finished already); the control
 and RL from base are trained here with the spec's settings through the local backend, as the pipeline
@@ -206,6 +207,7 @@ def main() -> None:
         "pass@1",
         f"pass@{k}",
         "tool calls / ep",
+        "tool errors",
         "decision slices",
         "other slices",
     ):
@@ -222,6 +224,7 @@ def main() -> None:
             f"{run.sampled['overall']['pass_at_1']:.3f}",
             f"{run.sampled['overall'][f'pass_at_{k}']:.3f}",
             f"{overall.behaviour['tool_calls_per_episode']:.2f}",
+            f"{overall.tool_error_rate:.3f}",
             f"{share_solved(decision):.3f} ({len(decision)})",
             f"{share_solved(other):.3f} ({len(other)})",
         )

@@ -62,6 +62,7 @@ class Metrics:
     tool_mix: dict[str, float] = field(default_factory=dict)
     accuracy_low: float = 0.0  # the 95 % Wilson interval of accuracy
     accuracy_high: float = 1.0
+    tool_error_rate: float = 0.0  # the share of tool calls that failed (an error observation)
     # `argus.agent.behaviour` figures: tool calls per episode, repeat-call rate, strategy rates
     behaviour: dict[str, float] = field(default_factory=dict)
 
@@ -102,6 +103,7 @@ def summarize(trajectories: list[Trajectory], by: Callable[[Trajectory], str] = 
         rewards = [t.reward for t in group if t.reward is not None]
         calls: Counter[str] = Counter(c.tool for t in group for c in t.tool_calls if c.tool in TOOLS)
         total_calls = sum(calls.values())
+        failed = sum(1 for t in group for c in t.tool_calls if c.tool in TOOLS and not c.ok)
         correct = sum(r.accuracy for r in rewards)
         low, high = wilson(correct, n)
         out[name] = Metrics(
@@ -114,6 +116,7 @@ def summarize(trajectories: list[Trajectory], by: Callable[[Trajectory], str] = 
             mean_turns=sum(t.turns for t in group) / n if n else 0.0,
             mean_reward=sum(r.score for r in rewards) / n if n else 0.0,
             tool_mix={tool: calls[tool] / total_calls if total_calls else 0.0 for tool in TOOLS},
+            tool_error_rate=failed / total_calls if total_calls else 0.0,
             behaviour=behaviour[name],
         )
     return out

@@ -144,3 +144,16 @@ def test_the_in_process_policy_renders_the_training_layout_and_stops_at_the_turn
     turn = asyncio.run(policy(messages, []))
     assert isinstance(turn, str) and "<|im_end|>" not in turn
     assert policy.generate(messages) == turn  # greedy: the same weights give the same turn
+
+
+def test_tool_error_rate_is_the_share_of_failed_calls() -> None:
+    from argus.agent.env import ToolCall
+
+    ok = ToolCall(tool="python", latency_s=0.1, ok=True, request="print(1)")
+    failed = ToolCall(tool="python", latency_s=0.1, ok=False, request="1/0")
+    a, b = _traj("a", "search", True), _traj("b", "perception", False)
+    a.tool_calls, b.tool_calls = [ok, ok], [failed, ok]
+    summary = summarize([a, b])
+    assert summary["overall"].tool_error_rate == pytest.approx(1 / 4)
+    assert summary["search"].tool_error_rate == 0.0 and summary["perception"].tool_error_rate == 0.5
+    assert summary["overall"].flat("eval")["eval/tool_error_rate"] == pytest.approx(0.25)

@@ -14,13 +14,13 @@ On the held-out eval split of the spec's generated suite, five models:
 
 For each model: greedy accuracy with its 95 % Wilson interval, sampled pass@1 and pass@k (k samples of
 every task at temperature 1), tool calls per episode and the tool-error rate, overall and per slice, the
-strategy rates; and the
-exact McNemar test per task for SFT → RL against SFT and against the control. The SFT and RL models are
-the pipeline's (`argus run SPEC --run-name NAME`, reused where that run finished already); the control
-and RL from base are trained here with the spec's settings through the local backend, as the pipeline
-trains its own. Every model is served by vLLM and evaluated with the live tools. Nothing here is tuned:
-the settings are the spec's, chosen on the dev split. `--even-mix` runs the same with every teacher at an
-equal share of the demonstrations (the suite's mix is 0.6 of the habits that do not carry over).
+strategy rates; and the exact McNemar test per task for SFT → RL against SFT and against the control. The
+SFT and RL models are the pipeline's (`argus run SPEC --run-name NAME`, reused where that run finished
+already); the control and RL from base are trained here with the spec's settings through the local
+backend, as the pipeline trains its own. Every model is served by vLLM and evaluated with the live tools.
+Nothing here is tuned: the settings are the spec's, chosen on the dev split. `--even-mix` runs the same
+with every teacher at an equal share of the demonstrations (the suite's mix is 0.6 of the habits that do
+not carry over).
 """
 
 from __future__ import annotations

@@ -187,6 +187,11 @@ class TrainingJobSpec(StrictModel):
     image: str | None = Field(None, description="trainer image; the Argus trainer image if unset")
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     seed: int = 0
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each decoder layer's activations in backward instead of keeping them: "
+        "the activations of a 16K-token 7B sequence shrink from ~50 GB to the layers' inputs, for ~1/3 more compute",
+    )
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)

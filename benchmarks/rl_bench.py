@@ -38,7 +38,10 @@ from argus.backends.local.tools import LocalToolEnvironment, ToolEndpoints  # no
 from argus.config import RLJobConfig, SandboxSpec, SFTJobConfig, StackSettings  # noqa: E402
 from argus.supervision import free_port  # noqa: E402
 
-TURN_TOKENS, RESPONSE_TOKENS, MAX_TURNS = 96, 256, 3
+# The quickstart's episode limits: v7's code turns run to ~190 tokens and its chains to four turns, so a
+# tighter cap cuts the turns that carry the decisions and leaves every group at reward 0 (measured: a
+# 96-token cap dropped all groups on every engine).
+TURN_TOKENS, RESPONSE_TOKENS, MAX_TURNS = 256, 768, 4
 
 
 def run_job(module: str, job: SFTJobConfig | RLJobConfig, root: Path, stack: StackSettings) -> list[dict[str, Any]]:
@@ -279,7 +282,12 @@ def main() -> None:
             with LocalToolEnvironment(
                 root / "tools",
                 index_path=root / "data" / "search" / "index.sqlite",
-                sandbox=SandboxSpec(runner="gvisor", warm_pool=args.prompts * args.group, max_sessions=64),
+                sandbox=SandboxSpec(
+                    runner="gvisor",
+                    warm_pool=args.prompts * args.group,
+                    max_sessions=64,
+                    preload=["numpy", "PIL.Image", "scipy.ndimage"],  # as the quickstart's sandboxes
+                ),
             ) as tools:
                 ours: dict[str, dict[str, float]] = {}
                 for engine in ("in-process", "vllm"):

@@ -171,6 +171,10 @@ class DeepSpeedTrainer:
     def initialize(self, model: Any, total_steps: int) -> None:
         """DeepSpeed engine, AdamW (DeepSpeed's CPU Adam under ZeRO-Offload) and the LR schedule."""
         spec = self.spec
+        if spec.gradient_checkpointing:
+            # The non-reentrant form: it works with inputs that need no gradient (frozen embeddings,
+            # pixel values) and with ZeRO-3's parameter hooks, and is the one PyTorch recommends.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optim = spec.optim
         optimizer: torch.optim.Optimizer
         betas = (optim.adam_beta1, optim.adam_beta2)

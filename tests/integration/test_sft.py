@@ -242,8 +242,10 @@ def test_zero3_text_model_trains_checkpoints_and_exports(
         stack,
         max_steps=2,
         grad_accum=1,
-        # The 7B spec's setting: ZeRO-3 with the optimizer stepped on the CPU (DeepSpeedCPUAdam).
+        # The 7B spec's settings: ZeRO-3 with the optimizer stepped on the CPU (DeepSpeedCPUAdam), and
+        # activations recomputed in backward (non-reentrant checkpointing under ZeRO-3's parameter hooks).
         deepspeed={"zero_stage": 3, "offload_optimizer": offload},
+        gradient_checkpointing=True,
         checkpoint={"every_steps": 1, "keep_last": 1},
     )
     seen: list[events.Event] = []

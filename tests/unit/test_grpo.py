@@ -164,3 +164,44 @@ def test_loss_and_gradient_match_trl_grpo_on_the_same_batch(beta: float) -> None
     trl.backward()
     assert a.grad is not None and b.grad is not None
     assert torch.allclose(a.grad, b.grad, atol=1e-7)
+
+
+def _tiny_qwen2() -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config).float()
+
+
+def test_chunked_logprobs_equal_the_full_forward_and_its_gradients() -> None:
+    from trainers.rl.grpo import token_logprobs
+
+    model = _tiny_qwen2()
+    ids = torch.randint(0, 97, (3, 11))
+    attn = torch.ones_like(ids)
+    attn[1, :4] = 0  # left padding, as rollouts batch their episodes
+    # The reference: the model's own full-vocabulary logits, all positions at once.
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / 0.7
+    full = torch.log_softmax(logits, dim=-1)
+    want_logp = full.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    want_entropy = -(full.exp() * full).sum(-1)
+    (want_logp * attn[:, 1:]).sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    # 30 positions in chunks of 7: chunks that cross rows, and a short last one.
+    logp, entropy = token_logprobs(model, ids, attn, 0.7, chunk=7)
+    assert logp.shape == entropy.shape == (3, 10)
+    torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, want_entropy, rtol=1e-5, atol=1e-5)
+    (logp * attn[:, 1:]).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == want_grads.keys() and "lm_head.weight" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # the rollout scoring path: no checkpointing, same numbers
+        again, _ = token_logprobs(model, ids, attn, 0.7, chunk=4)
+    torch.testing.assert_close(again, want_logp, rtol=1e-5, atol=1e-5)

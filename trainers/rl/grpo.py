@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 EQUAL_REWARDS = 1e-9  # rewards of a group closer than this are equal: the group carries no signal
 
@@ -102,16 +104,47 @@ def policy_loss(
     return LossParts(loss, clip_fraction.detach(), kl.detach(), tokens.detach())
 
 
+LOGIT_ROWS = 1024  # token positions per chunk of the output projection (see `token_logprobs`)
+
+
 def token_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    chunk: int = LOGIT_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probability of each token given its prefix, entropy of that distribution), [B, T-1] each.
 
     Position t scores token t+1, so callers shift their masks by one (`mask[:, 1:]`). Logits are divided
     by the sampling temperature, as the rollout engine samples from them.
+
+    The output projection runs over `chunk` token positions at a time, never the whole batch: the full
+    logits of a 7B episode are 16K positions x 152K vocabulary, about 10 GB in fp32, where one chunk of
+    1,024 is 0.6 GB. With gradients on, each chunk is checkpointed, so backward keeps only the final
+    hidden states and recomputes a chunk's logits when it reaches it. The model's backbone
+    (`base_model`) and head (`get_output_embeddings`) are called as modules, so hooks on them (ZeRO-3's
+    parameter gathering) still run. This holds for models whose logits are the head's output and
+    nothing more (Qwen2, Qwen2.5-VL, Llama); the tests compare it with the model's own forward.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    module: Any = getattr(model, "module", model)  # a DeepSpeed engine wraps the Hugging Face model
+    hidden = module.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    head = module.get_output_embeddings()
+    batch, width = input_ids.shape[0], input_ids.shape[1] - 1
+    rows, targets = hidden.reshape(batch * width, -1), input_ids[:, 1:].reshape(-1)
+
+    def score(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logp_all = torch.log_softmax(head(h).float() / temperature, dim=-1)
+        return logp_all.gather(-1, t[:, None]).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
+
+    parts = []
+    for lo in range(0, rows.shape[0], chunk):
+        h, t = rows[lo : lo + chunk], targets[lo : lo + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(torch.utils.checkpoint.checkpoint(score, h, t, use_reentrant=False))
+        else:
+            parts.append(score(h, t))
+    logp = torch.cat([p[0] for p in parts]).view(batch, width)
+    entropy = torch.cat([p[1] for p in parts]).view(batch, width)
     return logp, entropy

@@ -68,6 +68,7 @@ from trainers.rl.vllm import (
     SERVER_ENV,
     VLLMEngineError,
     VLLMServerEngine,
+    cpu_server_args,
     probe_gap,
     served_model,
     write_weights,
@@ -142,8 +143,11 @@ class RLTrainer(DeepSpeedTrainer):
             served = served_model(url)
         else:
             env = dict(SERVER_ENV)
+            extra = [*SERVER_ARGS, "--seed", str(spec.seed)]
             if torch.cuda.is_available():  # colocated: the server shares this rank's GPU
                 env["CUDA_VISIBLE_DEVICES"] = os.environ.get("LOCAL_RANK", "0")
+            else:
+                extra += cpu_server_args(spec.vllm.max_model_len)
             served = "policy"
             self.server = LocalVLLM(
                 str(model_dir),
@@ -153,7 +157,7 @@ class RLTrainer(DeepSpeedTrainer):
                 dtype="bfloat16" if spec.precision == "bf16" else "float32",
                 memory_fraction=spec.vllm.memory_fraction,
                 kv_cache_bytes=spec.vllm.kv_cache_memory,
-                extra_args=[*SERVER_ARGS, "--seed", str(spec.seed)],
+                extra_args=extra,
                 env=env,
                 startup_timeout_s=spec.vllm.startup_timeout_s,
             )

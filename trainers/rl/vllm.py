@@ -40,6 +40,16 @@ SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # /collective_rpc, for the in-place 
 SERVER_ARGS = ["--logprobs-mode", "processed_logprobs"]  # the log-probabilities the trainer recomputes
 
 
+def cpu_server_args(max_model_len: int) -> list[str]:
+    """Whole prefills on vLLM's CPU build. Every rollout request is seeded, and a seeded request has a
+    generator of its own. When a prefill is split into chunks, the model runner discards the token it
+    sampled for the unfinished chunk and rewinds that generator by its offset; a CPU generator has no
+    offset, so the engine dies ("CPU Generator does not use offset", `_bookkeeping_sync`). It happens
+    as soon as a turn's prompts outgrow the batch's token budget: 16 episodes of 200-token turns did
+    it. Unsplit prefills never rewind, and the seeds (reproducible rollouts) stay. GPUs keep chunking."""
+    return ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_model_len, 8192))]
+
+
 class VLLMEngineError(RuntimeError):
     pass
 

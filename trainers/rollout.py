@@ -3,7 +3,8 @@
 
 The SFT trainer uses it for its learning curve (a small held-out evaluation every N steps, with the real
 tools); it is the in-process rollout engine for CPU and small models. The conversation is rendered with
-the same ChatML the SFT encoder trains on, so the policy sees exactly the token layout it learned.
+the same ChatML the SFT encoder trains on (`argus.models.chatml`), so the policy sees exactly the token
+layout it learned.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from argus.agent.env import AgentEnv, Message, ToolClients, Trajectory
 from argus.agent.evaluation import Metrics, summarize
 from argus.agent.task import Task
 from argus.config import Prompt
+from argus.models import chatml
 
 
 class LocalPolicy:
@@ -30,9 +32,7 @@ class LocalPolicy:
         self.stops = [int(tokenizer.convert_tokens_to_ids(t)) for t in TURN_STOPS]
 
     def render(self, messages: list[Message]) -> str:
-        """ChatML exactly as `trainers.sft.data.Encoder` lays out training examples."""
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return text + "<|im_start|>assistant\n"
+        return chatml.render(messages)
 
     def generate(self, messages: list[Message]) -> str:
         import torch

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from argus.config import StackSettings
 from argus.data.tasks import SUITE_VERSION
+from argus.models.chatml import CHAT_TEMPLATE, IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START
 from argus.storage import upload_dir
 
 Arch = Literal["qwen2", "qwen2_5_vl"]
@@ -31,15 +32,7 @@ Arch = Literal["qwen2", "qwen2_5_vl"]
 # instead of reusing one made the old way.
 RECIPE = f"r3-suite{SUITE_VERSION}"
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
+SPECIAL_TOKENS = ["<|endoftext|>", IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>"]
 ACTION_TOKENS = [
     "<think>",
     "</think>",
@@ -53,22 +46,6 @@ ACTION_TOKENS = [
     "</tool_response>",
     "<image>",
 ]
-
-# Qwen2-VL's ChatML template: image parts become vision placeholders, text parts pass through.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def training_texts(seed: int = 0) -> list[str]:

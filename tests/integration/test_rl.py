@@ -15,9 +15,10 @@ from argus.config import SandboxSpec
 from argus.data.formats import SFTExample
 from argus.data.generate import write_search_corpus
 from argus.data.tasks import MiniTask, Suite, build_suite
+from argus.models import chatml
 from trainers.rl.grpo import token_logprobs
 from trainers.rl.rollout import Episode, InProcessEngine, RolloutResult, RolloutSettings, Sample, rollout
-from trainers.sft.data import Encoder, chatml_parts
+from trainers.sft.data import Encoder
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +49,7 @@ def tiny() -> tuple[Any, Any]:
 def opening_ids(tok: Any, question: str) -> list[int]:
     from argus.agent import prompts
 
-    return [
-        t
-        for msg in prompts.opening("compact", question)
-        for part in chatml_parts(tok, msg["role"], msg["content"])
-        for t in part
-    ]
+    return chatml.encode(tok, prompts.opening("compact", question))
 
 
 class ScriptedEngine:

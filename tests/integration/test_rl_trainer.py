@@ -336,14 +336,14 @@ def test_the_vllm_engine_samples_ids_and_a_weight_sync_is_checked(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from argus.agent.prompts import opening
-    from trainers.rl.rollout import STOP_TOKENS, encode
+    from argus.models import chatml
+    from trainers.rl.rollout import STOP_TOKENS
     from trainers.rl.vllm import VLLMEngineError, VLLMServerEngine, probe_gap, write_weights
-    from trainers.sft.data import chatml_parts
 
     tok = AutoTokenizer.from_pretrained(assets["model"])
     model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
     stops = [int(tok.convert_tokens_to_ids(t)) for t in STOP_TOKENS]
-    prompt = encode(tok, opening("compact", "What is 17 * 23?")) + chatml_parts(tok, "assistant", "")[0]
+    prompt = chatml.encode(tok, opening("compact", "What is 17 * 23?")) + chatml.parts(tok, "assistant", "")[0]
     engine = VLLMServerEngine(vllm_url, "policy", stops, temperature=0.7)
     try:
         assert probe_gap(engine, model, prompt) < 1e-4  # the server serves the trainer's start weights

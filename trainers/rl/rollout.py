@@ -31,7 +31,7 @@ from argus.agent.env import AgentEnv, Message, ToolClients, Trajectory
 from argus.agent.reward import Judge
 from argus.agent.task import Task
 from argus.config import Prompt, RewardSpec, RLJobConfig
-from trainers.sft.data import chatml_parts
+from argus.models import chatml
 
 HTTP_MARGIN_S = 15.0
 STOP_TOKENS = TURN_STOPS  # token ids here: each is one token of the policy's tokenizer
@@ -196,11 +196,6 @@ class Episode:
         return self.truncated or self.timed_out
 
 
-def encode(tokenizer: Any, messages: list[Message]) -> list[int]:
-    """Messages in the ChatML layout the SFT encoder trains on, each encoded on its own."""
-    return [i for m in messages for part in chatml_parts(tokenizer, m["role"], m["content"]) for i in part]
-
-
 class TokenPolicy:
     """The AgentEnv policy of one episode: it keeps the ids and hands the environment text."""
 
@@ -212,18 +207,18 @@ class TokenPolicy:
         self.budget = budget
         self.seen = 0
         self.end = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
-        self.assistant = chatml_parts(tokenizer, "assistant", "")[0]
-        self.newline = chatml_parts(tokenizer, "assistant", "")[2]
+        self.assistant = chatml.parts(tokenizer, "assistant", "")[0]
+        self.newline = chatml.parts(tokenizer, "assistant", "")[2]
 
     async def __call__(self, messages: list[Message], images: list[bytes]) -> str:
         ep = self.ep
         if not ep.ids:
-            ep.extend(encode(self.tok, messages) + self.assistant, sampled=False)
+            ep.extend(chatml.encode(self.tok, messages) + self.assistant, sampled=False)
         else:
             # The turn stopped at the end of an action (or its own <|im_end|>): close it as ChatML does,
             # then the observation and the next assistant header, none of it the policy's.
             closing = [] if ep.ids[-1] == self.end else [self.end]
-            observed = closing + self.newline + encode(self.tok, messages[self.seen :]) + self.assistant
+            observed = closing + self.newline + chatml.encode(self.tok, messages[self.seen :]) + self.assistant
             ep.extend(observed, sampled=False)
         left = self.budget - ep.generated
         if left <= 0:

@@ -48,6 +48,7 @@ from argus.agent.task import Task
 from argus.agent.traces import log_trajectories
 from argus.config import RLJobConfig
 from argus.data.formats import DataFormatError, read_rl_parquet
+from argus.models import chatml
 from argus.models.export import export_record, prompt_mismatch
 from argus.storage import read_uri
 from argus.vllm_server import LocalVLLM, VLLMError
@@ -60,7 +61,6 @@ from trainers.rl.rollout import (
     InProcessEngine,
     RolloutResult,
     RolloutSettings,
-    encode,
     rollout,
 )
 from trainers.rl.vllm import (
@@ -124,7 +124,7 @@ class RLTrainer(DeepSpeedTrainer):
             1, math.ceil(job.rl.epochs * len(self.tasks) / job.rl.prompts_per_step)
         )
         self.initialize(model, self.total_steps * job.rl.updates_per_step)
-        opening = encode(self.tokenizer, opening_messages(job.prompt, self.tasks[0].question))
+        opening = chatml.encode(self.tokenizer, opening_messages(job.prompt, self.tasks[0].question))
         self.probe = opening[:PROBE_TOKENS]
         self.server: LocalVLLM | None = None
         self.rollout_engine: Engine = self.start_engine(model_dir, str(config.model_type))

@@ -1,4 +1,5 @@
-"""SFT examples as model inputs: ChatML tokens, labels on assistant tokens only, images for VL models.
+"""SFT examples as model inputs: ChatML tokens (`argus.models.chatml`), labels on assistant tokens only,
+images for VL models.
 
 Each message becomes `<|im_start|>{role}\\n{content}<|im_end|>\\n`; only an assistant message's content
 and its closing `<|im_end|>` carry labels. Tool observations are user turns, so they are masked out:
@@ -19,7 +20,8 @@ from PIL import Image
 
 from argus.agent.prompts import prompt_of
 from argus.config import StackSettings
-from argus.data.formats import IMAGE_TOKEN, DataFormatError, SFTExample
+from argus.data.formats import DataFormatError, SFTExample
+from argus.models import chatml
 from argus.storage import read_uri
 
 IGNORE = -100
@@ -35,17 +37,6 @@ class Encoded:
     @property
     def trained_tokens(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
-
-
-def chatml_parts(tokenizer: Any, role: str, content: str) -> tuple[list[int], list[int], list[int]]:
-    """One ChatML message as the trainers tokenise it: `<|im_start|>role\\n`, then `content<|im_end|>`
-    (what an assistant turn is trained to produce), then `\\n`, each piece on its own. SFT encodes its
-    examples so and RL its observations, so both see the same ids for the same message."""
-
-    def ids(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    return ids(f"<|im_start|>{role}\n"), ids(f"{content}<|im_end|>"), ids("\n")
 
 
 class Encoder:
@@ -79,19 +70,13 @@ class Encoder:
             images = self._load_images(example, where)
             processed = self.image_processor(images=images, return_tensors="pt")
             pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"]
-            pad_counts = [int(g.prod()) // self.merge for g in grid]
+            pad_counts = chatml.image_pads(grid, self.merge)
         input_ids: list[int] = []
         labels: list[int] = []
-        image_index = 0
+        pads = iter(pad_counts)
         for msg in example.messages:
-            content = msg["content"]
-            if self.image_processor is not None and pad_counts:
-                pieces = content.split(IMAGE_TOKEN)
-                content = pieces[0]
-                for piece in pieces[1:]:
-                    content += "<|vision_start|>" + "<|image_pad|>" * pad_counts[image_index] + "<|vision_end|>" + piece
-                    image_index += 1
-            head, body, tail = chatml_parts(self.tok, msg["role"], content)
+            content = chatml.expand_images(msg["content"], pads) if pad_counts else msg["content"]
+            head, body, tail = chatml.parts(self.tok, msg["role"], content)
             input_ids += head + body + tail
             if msg["role"] == "assistant":
                 labels += [IGNORE] * len(head) + body + [IGNORE] * len(tail)

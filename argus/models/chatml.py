@@ -16,11 +16,13 @@ Everything that writes this layout is here, so the trainers and the served templ
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 IMAGE = "<image>"  # the data format's placeholder (argus.data.formats.IMAGE_TOKEN)
+VL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")  # `model_type`s whose forward takes these images
 
 # What vLLM serves with and `apply_chat_template` renders (OpenAI messages, whose image parts become one
 # placeholder that the processor expands): the same layout, with Qwen2-VL's default system message.
@@ -78,3 +80,44 @@ def encode(tokenizer: Any, messages: Sequence[Mapping[str, str]], pads: Iterator
         for part in parts(tokenizer, m["role"], expand_images(m["content"], pads) if pads else m["content"])
         for i in part
     ]
+
+
+@dataclass
+class Media:
+    """The images of one conversation as a vision-language model takes them, in order: the pixel rows of
+    all its images (`pixel_values`, [patches, channels x patch size]) and each image's patch grid
+    (`image_grid_thw`, [images, 3]). Concatenating the media of several rows, in row order, is a batch's."""
+
+    pixel_values: Any
+    image_grid_thw: Any
+
+    @staticmethod
+    def join(parts: Sequence[Media | None]) -> Media | None:
+        import torch
+
+        present = [p for p in parts if p is not None]
+        if not present:
+            return None
+        return Media(torch.cat([p.pixel_values for p in present]), torch.cat([p.image_grid_thw for p in present]))
+
+    def inputs(self) -> dict[str, Any]:
+        return {"pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
+
+
+class Vision:
+    """A VL model's image processor (Qwen2-VL's), and what its output means for the token layout."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self.merge = int(getattr(processor, "merge_size", 2)) ** 2
+
+    def process(self, images: Sequence[Any]) -> tuple[Media, list[int]]:
+        """(media, vision tokens per image) of PIL images or encoded image bytes."""
+        import io
+
+        from PIL import Image
+
+        pil = [Image.open(io.BytesIO(i)).convert("RGB") if isinstance(i, bytes) else i for i in images]
+        out = self.processor(images=pil, return_tensors="pt")
+        media = Media(out["pixel_values"], out["image_grid_thw"])
+        return media, image_pads(media.image_grid_thw, self.merge)

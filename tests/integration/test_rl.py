@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,7 +66,10 @@ class ScriptedEngine:
         self.sampled: dict[int, list[list[int]]] = {}
         self.prompts: list[list[int]] = []
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: list[int], seed: int) -> list[Sample]:
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: list[int], seed: int, media: list[Any] | None = None
+    ) -> list[Sample]:
+        self.media = media
         out = []
         for ids in prompts:
             self.prompts.append(list(ids))
@@ -91,7 +95,12 @@ def play(tools: ToolEndpoints, tasks: list[MiniTask], engine: Any, tokenizer: An
         tool_timeout_s=20.0,
         episode_timeout_s=120.0,
     )
-    run: dict[str, Any] = {"seed": kw.pop("seed", 0), "run_id": "rl-test", "make_env": kw.pop("make_env", None)}
+    run: dict[str, Any] = {
+        "seed": kw.pop("seed", 0),
+        "run_id": "rl-test",
+        "make_env": kw.pop("make_env", None),
+        "vision": kw.pop("vision", None),
+    }
     args.update(kw)
     return asyncio.run(rollout([m.task for m in tasks], engine, tokenizer, RolloutSettings(**args), **run))
 
@@ -133,6 +142,51 @@ def test_episode_ids_are_what_was_sampled_and_observed(
         messages = [{"role": m["role"], "content": m["content"]} for m in traj.messages]
         encoded = Encoder(tok, None, 1 << 16).encode(SFTExample(messages=messages, images=[]), "episode")
         assert encoded is not None and encoded.input_ids[:-1] == ep.ids
+
+
+def test_a_multimodal_episode_carries_its_images_as_sft_encodes_them_and_the_trainer_scores_them(
+    suite: Suite, tools_env: ToolEndpoints, tmp_path: Path
+) -> None:
+    """The task image and the crops that code returns are in the episode: the ids hold their vision tokens
+    as the SFT encoder lays them out, and the trainer's log-probabilities see the pixels."""
+    from argus.agent import prompts
+    from argus.models.tiny import build
+
+    model, tok, processor = build("qwen2_5_vl", seed=0)
+    vision = chatml.Vision(processor)
+    mini = next(m for m in suite.rl if m.task.family == "perception")
+    _media, task_pads = vision.process([mini.task.image])
+    opening = chatml.encode(tok, prompts.opening("compact", mini.task.question), iter(task_pads))
+    crop = "<think>look closer</think>\n<code>\n```python\nimage_1.crop(({}))\n```\n</code>"
+    turns = [crop.format("0, 0, 40, 40"), crop.format("8, 8, 72, 40"), "<think>seen</think>\n<answer>1</answer>"]
+    engine = ScriptedEngine(tok, [(opening, turns)], cut_at_action_end=True)
+    ep = play(tools_env, [mini], engine, tok, vision=vision).episodes[0]
+    traj = ep.trajectory
+    assert traj is not None and traj.finish == "answer" and len(traj.images) == 3  # the task image, two crops
+    assert [c.images for c in traj.tool_calls] == [(1,), (2,)]
+    assert ep.media is not None and ep.media.image_grid_thw.shape[0] == 3
+    assert engine.media is not None and engine.media[0] is ep.media  # the last turn was sampled seeing all three
+    # The SFT encoder, given the finished conversation and its images as files, gives the same ids.
+    paths = []
+    for i, image in enumerate(traj.images):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(image)
+    messages = [{"role": m["role"], "content": m["content"]} for m in traj.messages]
+    encoded = Encoder(tok, processor, 1 << 16).encode(SFTExample(messages, [str(x) for x in paths]), "episode")
+    assert encoded is not None and encoded.input_ids[:-1] == ep.ids
+    assert encoded.image_grid_thw is not None and torch.equal(encoded.image_grid_thw, ep.media.image_grid_thw)
+    torch.testing.assert_close(encoded.pixel_values, ep.media.pixel_values)
+    pad = tok.convert_tokens_to_ids(chatml.IMAGE_PAD)
+    assert all(m == 0 for t, m in zip(ep.ids, ep.mask, strict=True) if t == pad)  # vision tokens are never trained
+    # The trainer's log-probabilities are the Hugging Face model's own on the SFT encoding, pixels included.
+    ids = torch.tensor([ep.ids])
+    with torch.no_grad():
+        ours, _ = token_logprobs(model, ids, torch.ones_like(ids), media=ep.media.inputs())
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **ep.media.inputs()).logits[:, :-1]
+        blind, _ = token_logprobs(model, ids, torch.ones_like(ids))
+    theirs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours, blind, atol=1e-3)  # without the pixels the model scores other inputs
 
 
 def test_tool_failures_are_observations_and_counted_and_time_limits_cut_episodes(

@@ -29,19 +29,26 @@ def stack(training_stack: StackSettings) -> StackSettings:
     return training_stack
 
 
-def warm_start(model_dir: Path, sft_json: Path, steps: int = 300) -> None:
+def warm_start(model_dir: Path, sft_json: Path, steps: int = 300, vl: bool = False) -> None:
     """A few in-process SFT steps on gold trajectories, so the policy emits actions some of the time and
-    GRPO groups carry different rewards (a random model's are all 0, and every group is dropped)."""
+    GRPO groups carry different rewards (a random model's are all 0, and every group is dropped). `vl`:
+    the tiny Qwen2.5-VL, trained on the task images as the SFT trainer trains it."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     from argus.data.formats import read_sharegpt
     from trainers.sft.data import Encoder, collate
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    encoded = [e for e in (Encoder(tok, None, 4096).encode(x, "x") for x in read_sharegpt(str(sft_json))) if e]
+    processor = None
+    if vl:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+    model = (AutoModelForImageTextToText if vl else AutoModelForCausalLM).from_pretrained(model_dir)
+    encoder = Encoder(tok, processor, 4096)
+    encoded = [e for e in (encoder.encode(x, "x") for x in read_sharegpt(str(sft_json))) if e]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = random.Random(0)
     model.train()
@@ -73,6 +80,25 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     init_tiny("qwen2", str(root / "model"), seed=0)
     warm_start(root / "model", root / "data" / "sft" / "sft.json")
     return {"data": str(root / "data"), "model": str(root / "model")}
+
+
+@pytest.fixture(scope="module")
+def vl_assets(assets: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The same data, and the tiny Qwen2.5-VL whose language model starts as the warm-started text policy
+    (as Qwen2.5-VL's starts as Qwen2.5), then a short warm start on the images: a VL warm start from
+    scratch would cost minutes of the suite for what the text policy already knows."""
+    from safetensors.torch import load_file, save_file
+
+    from argus.models.tiny import init_tiny
+
+    model = tmp_path_factory.mktemp("rl-vl") / "model"
+    init_tiny("qwen2_5_vl", str(model), seed=0)
+    vl = load_file(str(model / "model.safetensors"))
+    text = load_file(str(Path(assets["model"]) / "model.safetensors"))
+    assert text.keys() <= vl.keys()  # the same tokenizer and language-model sizes
+    save_file({**vl, **text}, str(model / "model.safetensors"), metadata={"format": "pt"})
+    warm_start(model, Path(assets["data"]) / "sft" / "sft.json", steps=40, vl=True)
+    return {**assets, "model": str(model)}
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +292,34 @@ def test_grpo_trains_against_live_tools_and_resumes_exactly_after_a_kill(
     assert tags["argus.stage"] == "rl" and tags["argus.sft.mlflow_run_id"] == "sft-run-x"
     assert tags["argus.base_model.uri"] == assets["model"] and tags["argus.prompt"] == "compact"
     assert run.info.status == "FINISHED"
+
+
+def test_a_vision_language_policy_trains_on_episodes_that_carry_its_images(
+    vl_assets: dict[str, str], stack: StackSettings, tools: ToolEndpoints, tmp_path: Path
+) -> None:
+    """The tiny Qwen2.5-VL rolls out in-process with the task image (and any image its code returns) in
+    its ids and pixel values, and the trainer's updates score them with the pixels: an RL step moves it."""
+    import mlflow
+
+    cfg = job("rl-vl", vl_assets, stack, tools, max_steps=2, rollouts_per_prompt=4, trajectories_every=1)
+    seen: list[events.Event] = []
+    run = start(cfg, stack, tmp_path)
+    assert run.wait(seen.append) == 0, run.log_path.read_text()[-3000:]
+    done = steps(seen)
+    assert sorted(done) == [1, 2]
+    # Some group carried a signal and an update was made from it: the loss moved off zero.
+    trained = [s for s in done.values() if s.metrics["rollout/dropped_groups"] < 1.0]
+    assert trained and any(s.loss != 0.0 for s in trained), [(s.loss, s.metrics) for s in done.values()]
+    run_id = next(e.mlflow_run_id for e in seen if isinstance(e, events.Start))
+    client = mlflow.MlflowClient(tracking_uri=stack.mlflow_url)
+    # The engine sampled what the trainer scores: with the pixels on both sides, the log-probabilities agree.
+    gaps = [m.value for m in client.get_metric_history(run_id, "train/logprob_gap")]
+    assert gaps and max(gaps) < 1e-3, gaps
+    # The trajectories on the run show what the policy saw: the task image in the openings.
+    traces = client.search_traces(locations=[client.get_run(run_id).info.experiment_id], run_id=run_id)
+    assert traces
+    shown = [json.dumps(span.inputs) for t in traces for span in t.data.spans]
+    assert any("data:image/png;base64," in text for text in shown)
 
 
 def test_a_start_model_trained_with_another_prompt_is_refused(

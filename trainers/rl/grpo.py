@@ -11,7 +11,7 @@ estimator exp(ref - logp) - (ref - logp) - 1. A group whose rewards are all equa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +114,7 @@ def token_logprobs(
     temperature: float = 1.0,
     *,
     chunk: int = LOGIT_ROWS,
+    media: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probability of each token given its prefix, entropy of that distribution), [B, T-1] each.
 
@@ -127,9 +128,14 @@ def token_logprobs(
     (`base_model`) and head (`get_output_embeddings`) are called as modules, so hooks on them (ZeRO-3's
     parameter gathering) still run. This holds for models whose logits are the head's output and
     nothing more (Qwen2, Qwen2.5-VL, Llama); the tests compare it with the model's own forward.
+
+    `media`: a VL model's `pixel_values` and `image_grid_thw` of the batch's images, in row order. The
+    backbone embeds them at their vision tokens and derives Qwen2.5-VL's multimodal rotary positions
+    from the ids, the grids and the attention mask, as it does in SFT.
     """
     module: Any = getattr(model, "module", model)  # a DeepSpeed engine wraps the Hugging Face model
-    hidden = module.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    hidden = module.base_model(input_ids=input_ids, attention_mask=attention_mask, **(media or {}))
+    hidden = hidden.last_hidden_state[:, :-1]
     head = module.get_output_embeddings()
     batch, width = input_ids.shape[0], input_ids.shape[1] - 1
     rows, targets = hidden.reshape(batch * width, -1), input_ids[:, 1:].reshape(-1)

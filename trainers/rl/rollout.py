@@ -32,6 +32,7 @@ from argus.agent.reward import Judge
 from argus.agent.task import Task
 from argus.config import Prompt, RewardSpec, RLJobConfig
 from argus.models import chatml
+from argus.models.chatml import Media, Vision
 
 HTTP_MARGIN_S = 15.0
 STOP_TOKENS = TURN_STOPS  # token ids here: each is one token of the policy's tokenizer
@@ -45,9 +46,12 @@ class Sample:
 
 
 class Engine(Protocol):
-    """A rollout engine: samples continuations of many token sequences at once."""
+    """A rollout engine: samples continuations of many token sequences at once. `media`, for a
+    vision-language policy, holds each prompt's images (None: a prompt without any)."""
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: list[int], seed: int) -> list[Sample]: ...
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: list[int], seed: int, media: list[Media | None] | None = None
+    ) -> list[Sample]: ...
 
 
 class InProcessEngine:
@@ -62,9 +66,14 @@ class InProcessEngine:
         self.stop_ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in STOP_TOKENS]
         self.pad = int(tokenizer.pad_token_id)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: list[int], seed: int) -> list[Sample]:
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: list[int], seed: int, media: list[Media | None] | None = None
+    ) -> list[Sample]:
         import torch
 
+        # The images of the batch, in row order, as Qwen2-VL's forward expects them; its multimodal rotary
+        # positions skip the left padding by the attention mask.
+        images = Media.join(media or [])
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -90,6 +99,7 @@ class InProcessEngine:
                     pad_token_id=self.pad,
                     return_dict_in_generate=True,
                     output_scores=True,
+                    **(images.inputs() if images is not None else {}),
                 )
         finally:
             self.model.train(was_training)
@@ -117,7 +127,7 @@ class Lockstep:
         self.live = episodes
         self.seed = seed
         self.turn = 0
-        self.pending: dict[int, tuple[list[int], int, asyncio.Future[Sample]]] = {}
+        self.pending: dict[int, tuple[list[int], int, Media | None, asyncio.Future[Sample]]] = {}
         self.running = False
         self.generate_s = 0.0
         self.batches: list[int] = []
@@ -126,17 +136,17 @@ class Lockstep:
         # garbage-collected and every episode waiting on it would wait for ever.
         self.task: asyncio.Task[None] | None = None
 
-    async def request(self, index: int, ids: list[int], budget: int) -> Sample:
+    async def request(self, index: int, ids: list[int], budget: int, media: Media | None = None) -> Sample:
         future: asyncio.Future[Sample] = asyncio.get_running_loop().create_future()
-        self.pending[index] = (ids, budget, future)
+        self.pending[index] = (ids, budget, media, future)
         self._maybe_run()
         return await future
 
     def finish(self, index: int) -> None:
         self.live -= 1
         stale = self.pending.pop(index, None)
-        if stale is not None and not stale[2].done():
-            stale[2].cancel()
+        if stale is not None and not stale[3].done():
+            stale[3].cancel()
         self._maybe_run()
 
     def _maybe_run(self) -> None:
@@ -151,10 +161,15 @@ class Lockstep:
         self.turn += 1
         started = time.perf_counter()
         try:
-            samples = await asyncio.to_thread(self.engine.generate, [b[0] for b in batch], [b[1] for b in batch], seed)
+            media = [b[2] for b in batch]
+            # A text policy's engines are called as they always were; images go only where there are some.
+            extra = (media,) if any(m is not None for m in media) else ()
+            samples = await asyncio.to_thread(
+                self.engine.generate, [b[0] for b in batch], [b[1] for b in batch], seed, *extra
+            )
         except BaseException as exc:  # noqa: BLE001 - the engine failing fails the rollout, loudly
             self.error = exc
-            for _ids, _budget, fut in batch:
+            for _ids, _budget, _media, fut in batch:
                 if not fut.done():
                     fut.cancel()
             return
@@ -162,7 +177,7 @@ class Lockstep:
             self.generate_s += time.perf_counter() - started
             self.batches.append(len(batch))
             self.running = False
-        for (_ids, _budget, fut), sample in zip(batch, samples, strict=True):
+        for (_ids, _budget, _media, fut), sample in zip(batch, samples, strict=True):
             if not fut.done():
                 fut.set_result(sample)
         self._maybe_run()
@@ -179,6 +194,7 @@ class Episode:
     ids: list[int] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)  # 1: sampled by the policy; 0: prompt or observation
     logprobs: list[float] = field(default_factory=list)  # the engine's, 0.0 off the mask
+    media: Media | None = None  # a VL policy's: every image of the episode so far, in the order of its ids
     generated: int = 0
     truncated: bool = False
     timed_out: bool = False
@@ -199,32 +215,56 @@ class Episode:
 class TokenPolicy:
     """The AgentEnv policy of one episode: it keeps the ids and hands the environment text."""
 
-    def __init__(self, episode: Episode, lockstep: Lockstep, tokenizer: Any, *, turn_tokens: int, budget: int):
+    def __init__(
+        self,
+        episode: Episode,
+        lockstep: Lockstep,
+        tokenizer: Any,
+        *,
+        turn_tokens: int,
+        budget: int,
+        vision: Vision | None = None,
+    ):
         self.ep = episode
         self.lockstep = lockstep
         self.tok = tokenizer
         self.turn_tokens = turn_tokens
         self.budget = budget
+        self.vision = vision
         self.seen = 0
+        self.images_seen = 0
         self.end = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
         self.assistant = chatml.parts(tokenizer, "assistant", "")[0]
         self.newline = chatml.parts(tokenizer, "assistant", "")[2]
 
+    def _encode(self, messages: list[Message], images: list[bytes]) -> list[int]:
+        """New messages as ids; for a VL policy their images (those not seen yet) join the episode's media
+        and each `<image>` becomes that image's vision tokens, as the SFT encoder lays them out."""
+        if self.vision is None:
+            return chatml.encode(self.tok, messages)
+        new = images[self.images_seen :]
+        self.images_seen = len(images)
+        pads: list[int] = []
+        if new:
+            media, pads = self.vision.process(new)
+            self.ep.media = Media.join([self.ep.media, media])
+        return chatml.encode(self.tok, messages, iter(pads))
+
     async def __call__(self, messages: list[Message], images: list[bytes]) -> str:
         ep = self.ep
         if not ep.ids:
-            ep.extend(chatml.encode(self.tok, messages) + self.assistant, sampled=False)
+            ep.extend(self._encode(messages, images) + self.assistant, sampled=False)
         else:
             # The turn stopped at the end of an action (or its own <|im_end|>): close it as ChatML does,
             # then the observation and the next assistant header, none of it the policy's.
             closing = [] if ep.ids[-1] == self.end else [self.end]
-            observed = closing + self.newline + chatml.encode(self.tok, messages[self.seen :]) + self.assistant
+            observed = closing + self.newline + self._encode(messages[self.seen :], images) + self.assistant
             ep.extend(observed, sampled=False)
         left = self.budget - ep.generated
         if left <= 0:
             ep.truncated = True
             raise Truncated(f"{ep.generated} response tokens")
-        sample = await self.lockstep.request(ep.index, ep.ids, min(self.turn_tokens, left))
+        sample = await self.lockstep.request(ep.index, ep.ids, min(self.turn_tokens, left), ep.media)
         ep.extend(sample.ids, sampled=True, logprobs=sample.logprobs)
         ep.generated += len(sample.ids)
         if not sample.stopped and ep.generated >= self.budget:
@@ -301,8 +341,10 @@ async def rollout(
     seed: int,
     run_id: str,
     make_env: Callable[[ToolClients], AgentEnv] | None = None,
+    vision: Vision | None = None,
 ) -> RolloutResult:
-    """`settings.group_size` episodes of every task, in task order (a group's episodes are consecutive)."""
+    """`settings.group_size` episodes of every task, in task order (a group's episodes are consecutive).
+    `vision`: the policy is a vision-language model, and its episodes carry their images."""
     started = time.perf_counter()
     size = settings.group_size
     episodes = [Episode(i, task) for i, task in enumerate(t for t in tasks for _ in range(size))]
@@ -315,7 +357,9 @@ async def rollout(
     env = make_env(tools) if make_env else settings.env(tools)
 
     async def play(ep: Episode) -> None:
-        policy = TokenPolicy(ep, lockstep, tokenizer, turn_tokens=settings.turn_tokens, budget=settings.response_tokens)
+        policy = TokenPolicy(
+            ep, lockstep, tokenizer, turn_tokens=settings.turn_tokens, budget=settings.response_tokens, vision=vision
+        )
         try:
             ep.trajectory = await asyncio.wait_for(env.run(ep.task, policy), settings.episode_timeout_s)
         except TimeoutError:

@@ -49,6 +49,7 @@ from argus.agent.traces import log_trajectories
 from argus.config import RLJobConfig
 from argus.data.formats import DataFormatError, read_rl_parquet
 from argus.models import chatml
+from argus.models.chatml import VL_MODEL_TYPES, Media, Vision
 from argus.models.export import export_record, prompt_mismatch
 from argus.storage import read_uri
 from argus.vllm_server import LocalVLLM, VLLMError
@@ -98,21 +99,29 @@ class RLTrainer(DeepSpeedTrainer):
             raise SystemExit(f"error: {reason}")
         self.start_record = export_record(str(model_dir)) or {}
         config = AutoConfig.from_pretrained(model_dir)
-        if job.rl.engine == "in-process":
-            if config.model_type in ("qwen2_5_vl", "qwen2_vl"):
-                raise SystemExit(
-                    f"error: {job.model}: the in-process rollout engine generates with text models only; "
-                    "a vision-language model needs rl.engine: vllm"
-                )
-            if job.rl.deepspeed.zero_stage == 3:
-                raise SystemExit(
-                    "error: rl.deepspeed.zero_stage 3 shards the weights the in-process engine samples from"
-                )
+        vl = config.model_type in VL_MODEL_TYPES
+        if job.rl.engine == "in-process" and job.rl.deepspeed.zero_stage == 3:
+            raise SystemExit("error: rl.deepspeed.zero_stage 3 shards the weights the in-process engine samples from")
+        if vl and job.rl.engine == "vllm":
+            # A VL policy rolled out blind (token ids without their images) would train on inputs unlike
+            # its SFT data and pass the text probe all the same: refuse it rather than run it.
+            raise SystemExit(
+                f"error: {job.model}: rl.engine: vllm does not yet send a vision-language policy's images with "
+                "its token ids; use rl.engine: in-process (it rolls out with the images)"
+            )
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.vision: Vision | None = None
+        loader: Any = AutoModelForCausalLM
+        if vl:
+            from transformers import AutoModelForImageTextToText
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+            loader = AutoModelForImageTextToText
+            self.vision = Vision(Qwen2VLImageProcessorPil.from_pretrained(model_dir))
+        model = loader.from_pretrained(model_dir, dtype=torch.float32)
         self.reference: Any = None
         if job.rl.kl_coef > 0:  # the frozen start model; DeepEyesV2 (kl 0) loads none
-            self.reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            self.reference = loader.from_pretrained(model_dir, dtype=torch.float32)
             self.reference.requires_grad_(False)
             self.reference.eval()
         self.dataset_sha256 = hashlib.sha256(read_uri(job.dataset, self.settings)).hexdigest()
@@ -267,6 +276,7 @@ class RLTrainer(DeepSpeedTrainer):
                 self.rollout_settings,
                 seed=hash((job.rl.seed, step, self.rank, *((batch,) if batch else ()))) & 0x7FFFFFFF,
                 run_id=f"{job.job_name}-step{step}-r{self.rank}" + (f"-b{batch}" if batch else ""),
+                vision=self.vision,
             )
         )
 
@@ -290,7 +300,7 @@ class RLTrainer(DeepSpeedTrainer):
             for lo in range(0, len(episodes), micro):
                 chunk = list(range(lo, min(lo + micro, len(episodes))))
                 batch = self.batch(episodes, chunk, keep)
-                logp, entropy = token_logprobs(self.engine, batch.ids, batch.attn, spec.temperature)
+                logp, entropy = token_logprobs(self.engine, batch.ids, batch.attn, spec.temperature, media=batch.media)
                 for row, i in enumerate(chunk):
                     old[i] = logp[row, : len(episodes[i].ids) - 1].clone()
                 sums["gap"] += float(((logp - batch.engine_logp).abs() * batch.sampled).sum())
@@ -329,11 +339,13 @@ class RLTrainer(DeepSpeedTrainer):
                 old_logp = torch.zeros_like(batch.action)
                 for row, i in enumerate(chunk):
                     old_logp[row, : old[i].numel()] = old[i]
-                logp, _ = token_logprobs(self.engine, batch.ids, batch.attn, spec.temperature)
+                logp, _ = token_logprobs(self.engine, batch.ids, batch.attn, spec.temperature, media=batch.media)
                 ref_logp = None
                 if self.reference is not None:
                     with torch.no_grad():
-                        ref_logp, _ = token_logprobs(self.reference, batch.ids, batch.attn, spec.temperature)
+                        ref_logp, _ = token_logprobs(
+                            self.reference, batch.ids, batch.attn, spec.temperature, media=batch.media
+                        )
                 parts = policy_loss(
                     logp,
                     old_logp,
@@ -386,7 +398,8 @@ class RLTrainer(DeepSpeedTrainer):
             if keep[i]:
                 action[row, :n] = sampled[row, :n]
             engine_logp[row, :n] = torch.tensor(ep.logprobs)
-        return Batch(ids, attn, action[:, 1:], sampled[:, 1:], engine_logp[:, 1:])
+        media = Media.join([episodes[i].media for i in chunk])
+        return Batch(ids, attn, action[:, 1:], sampled[:, 1:], engine_logp[:, 1:], media.inputs() if media else None)
 
     # -- the loop --------------------------------------------------------------------------------------
 
@@ -555,6 +568,7 @@ class Batch:
     action: torch.Tensor  # [B, T-1]: 1 on sampled tokens of kept episodes (the loss mask)
     sampled: torch.Tensor  # [B, T-1]: 1 on every sampled token (the sync check's mask)
     engine_logp: torch.Tensor  # [B, T-1]: the engine's log-probabilities of what it sampled
+    media: dict[str, torch.Tensor] | None = None  # a VL policy's images of the batch, in row order
 
 
 SHOWN = ("rollout/", "reward/", "time/")  # the figures a progress line carries beside loss and lr

@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import torch
 
+from argus.models.chatml import Media
 from trainers.rl.grpo import token_logprobs
 from trainers.rl.rollout import Sample
 
@@ -90,7 +91,11 @@ class VLLMServerEngine:
             raise VLLMEngineError(f"vLLM server {self.url}{path}: HTTP {response.status_code}: {response.text[:500]}")
         return response.json() if response.content else None
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: list[int], seed: int) -> list[Sample]:
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: list[int], seed: int, media: list[Media | None] | None = None
+    ) -> list[Sample]:
+        if media and any(m is not None for m in media):
+            raise VLLMEngineError("the vLLM engine takes token ids only: images cannot go with them yet")
         seeds = [hash((seed, i)) & 0x7FFFFFFF for i in range(len(prompts))]
         if not prompts:
             return []

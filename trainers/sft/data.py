@@ -47,7 +47,7 @@ class Encoder:
         self.image_processor = image_processor
         self.max_seq_len = max_seq_len
         self.settings = settings
-        self.merge = 4 if image_processor is None else int(getattr(image_processor, "merge_size", 2)) ** 2
+        self.vision = chatml.Vision(image_processor) if image_processor is not None else None
 
     def _ids(self, text: str) -> list[int]:
         ids: list[int] = self.tok(text, add_special_tokens=False)["input_ids"]
@@ -66,11 +66,9 @@ class Encoder:
         """None when the example is longer than max_seq_len (it is dropped, not cut mid-turn)."""
         pixel_values = grid = None
         pad_counts: list[int] = []
-        if self.image_processor is not None and example.images:
-            images = self._load_images(example, where)
-            processed = self.image_processor(images=images, return_tensors="pt")
-            pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"]
-            pad_counts = chatml.image_pads(grid, self.merge)
+        if self.vision is not None and example.images:
+            media, pad_counts = self.vision.process(self._load_images(example, where))
+            pixel_values, grid = media.pixel_values, media.image_grid_thw
         input_ids: list[int] = []
         labels: list[int] = []
         pads = iter(pad_counts)

@@ -21,6 +21,7 @@ from argus import events, tracking
 from argus.agent.task import Task
 from argus.config import SFTJobConfig
 from argus.data.formats import DataFormatError, read_rl_parquet, read_sharegpt
+from argus.models import chatml
 from argus.storage import is_s3, read_uri
 from trainers.base import DeepSpeedTrainer, materialise_model, run_program
 from trainers.rollout import LocalPolicy, evaluate_in_process
@@ -45,7 +46,7 @@ class Trainer(DeepSpeedTrainer):
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         config = AutoConfig.from_pretrained(model_dir)
-        self.is_vl = config.model_type in ("qwen2_5_vl", "qwen2_vl")
+        self.is_vl = config.model_type in chatml.VL_MODEL_TYPES
         self.image_processor = None
         if self.is_vl:
             from transformers import AutoModelForImageTextToText

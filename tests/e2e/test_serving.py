@@ -168,6 +168,15 @@ def test_gated_blue_green_promotion_and_rollback(cli: Cli, stack_env: dict[str, 
             timeout=120,
         )
         assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] is not None
+        # Promoting the version production serves already (a pipeline run re-run to its end) succeeds
+        # without a switch: the same deployment behind the stable endpoint, no previous version.
+        serving = httpx.get(f"{stable}/models", timeout=10).headers["x-argus-deployment"]
+        again = cli(
+            "promote", NAME, "--version", versions["v1"], "--to", "production", "--spec", str(lenient), timeout=1200
+        )
+        assert "switch 0.0s" in again.stdout and "previous" not in again.stdout, again.stdout + again.stderr
+        assert production() == versions["v1"] and deployment("v1") == serving
+        assert httpx.get(f"{stable}/models", timeout=10).headers["x-argus-deployment"] == serving
 
         # The spec's own gate (format rate >= 0.5) refuses v2: production and its alias stay on v1.
         refused = cli("promote", NAME, "--version", versions["v2"], "--to", "production", check=False, timeout=1200)

@@ -315,11 +315,13 @@ def test_a_vision_language_policy_trains_on_episodes_that_carry_its_images(
     # The engine sampled what the trainer scores: with the pixels on both sides, the log-probabilities agree.
     gaps = [m.value for m in client.get_metric_history(run_id, "train/logprob_gap")]
     assert gaps and max(gaps) < 1e-3, gaps
-    # The trajectories on the run show what the policy saw: the task image in the openings.
+    # The trajectories on the run show what the policy saw: the task image opens every one of them (an
+    # MLflow trace attachment, which the UI shows inline).
     traces = client.search_traces(locations=[client.get_run(run_id).info.experiment_id], run_id=run_id)
     assert traces
-    shown = [json.dumps(span.inputs) for t in traces for span in t.data.spans]
-    assert any("data:image/png;base64," in text for text in shown)
+    for trace in traces:
+        root = next(s for s in trace.data.spans if s.parent_id is None)
+        assert "mlflow-attachment://" in json.dumps(root.inputs["messages"])
 
 
 def test_a_start_model_trained_with_another_prompt_is_refused(

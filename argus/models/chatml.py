@@ -19,9 +19,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from argus.data.formats import IMAGE_TOKEN as IMAGE  # the data format's placeholder
+
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
-IMAGE = "<image>"  # the data format's placeholder (argus.data.formats.IMAGE_TOKEN)
 VL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")  # `model_type`s whose forward takes these images
 
 # What vLLM serves with and `apply_chat_template` renders (OpenAI messages, whose image parts become one

@@ -44,7 +44,6 @@ class Encoder:
         self, tokenizer: Any, image_processor: Any | None, max_seq_len: int, settings: StackSettings | None = None
     ):
         self.tok = tokenizer
-        self.image_processor = image_processor
         self.max_seq_len = max_seq_len
         self.settings = settings
         self.vision = chatml.Vision(image_processor) if image_processor is not None else None
